@@ -1,0 +1,131 @@
+"""Checkpoints: one safetensors file, loaded without executing any code.
+
+The file holds the policy weights under `policy.*`, optionally the training state under
+`train.*` (optimizer moments, RNG states) for resuming, and string metadata: the full PolicyConfig,
+the goal mode, the dataset fingerprint, the code version, and a SHA-256 of every tensor's bytes so
+that silent corruption (a flipped bit, a half-copied file) is caught at load time, not by a robot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+import cfgrl_ros
+from cfgrl_ros.policy import CFGRLPolicy, PolicyConfig
+
+FORMAT = "cfgrl_ros/checkpoint/v1"
+POLICY_PREFIX = "policy."
+TRAIN_PREFIX = "train."
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt, or not a cfgrl_ros checkpoint."""
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    policy: CFGRLPolicy
+    metadata: dict[str, str]
+    train_state: dict[str, torch.Tensor]
+
+    @property
+    def config(self) -> PolicyConfig:
+        return self.policy.config
+
+    @property
+    def step(self) -> int:
+        return int(self.metadata.get("step", 0))
+
+
+def code_version() -> str:
+    """Package version plus the git commit of the source tree when there is one."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{cfgrl_ros.__version__}+{commit}" if commit else cfgrl_ros.__version__
+
+
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    policy: CFGRLPolicy,
+    *,
+    dataset_fingerprint: str = "",
+    step: int = 0,
+    train_state: dict[str, torch.Tensor] | None = None,
+    extra_metadata: dict[str, str] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write atomically (temp file + rename), so an interrupted save never leaves a broken file."""
+    path = Path(path)
+    tensors = {POLICY_PREFIX + k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() and dtype else v.dtype)
+               for k, v in policy.state_dict().items()}
+    tensors.update({TRAIN_PREFIX + k: v.detach().cpu() for k, v in (train_state or {}).items()})
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    metadata = {
+        "format": FORMAT,
+        "config": json.dumps(policy.config.to_dict()),
+        "goal_mode": policy.config.goal_mode,
+        "dataset_fingerprint": dataset_fingerprint,
+        "code_version": code_version(),
+        "step": str(step),
+        **(extra_metadata or {}),
+        "sha256": _tensor_digest(tensors),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load and verify a checkpoint; any problem raises CheckpointError saying what and where."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint (corrupt or truncated?): {error}") from error
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a cfgrl_ros checkpoint (format {metadata.get('format')!r}, expected {FORMAT!r})")
+    if metadata.get("sha256") != _tensor_digest(tensors):
+        raise CheckpointError(f"{path} is corrupt: its tensors do not match the SHA-256 recorded when it was saved")
+    try:
+        config = PolicyConfig.from_dict(json.loads(metadata["config"]))
+    except (KeyError, ValueError, TypeError) as error:
+        raise CheckpointError(f"{path} has an invalid policy config: {error}") from error
+
+    policy = CFGRLPolicy(config)
+    weights = {k[len(POLICY_PREFIX):]: v.float() if v.is_floating_point() else v
+               for k, v in tensors.items() if k.startswith(POLICY_PREFIX)}
+    try:
+        policy.load_state_dict(weights, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} does not match its own config: {error}") from error
+    train_state = {k[len(TRAIN_PREFIX):]: v for k, v in tensors.items() if k.startswith(TRAIN_PREFIX)}
+    return Checkpoint(policy.to(device).eval(), metadata, train_state)
