@@ -104,10 +104,18 @@ class ImpalaSmallEncoder(nn.Module):
 
 
 class SameMaxPool(nn.Module):
-    """3x3 max-pool, stride 2, with JAX's "SAME" padding: one -inf row/column on the high side only."""
+    """3x3 max-pool, stride 2, with JAX's "SAME" padding.
+
+    SAME pads (out-1)*2 + 3 - size in total, the extra one on the high side: for the encoder's even
+    sizes that is one -inf row/column at the bottom/right only, unlike PyTorch's symmetric padding.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.max_pool2d(F.pad(x, (0, 1, 0, 1), value=float("-inf")), kernel_size=3, stride=2)
+        pads = []
+        for size in (x.shape[-1], x.shape[-2]):
+            total = max((-(-size // 2) - 1) * 2 + 3 - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.max_pool2d(F.pad(x, pads, value=float("-inf")), kernel_size=3, stride=2)
 
 
 class VelocityMLP(nn.Module):
@@ -175,6 +183,10 @@ class CFGRLPolicy(nn.Module):
 
     def null_goals(self, batch_size: int) -> torch.Tensor:
         return self.null_goal.expand(batch_size, -1)
+
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training forward pass: the flow-matching loss (what DDP and torch.compile wrap)."""
+        return self.flow_matching_loss(batch, generator)
 
     def flow_matching_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         """Conditional flow matching with per-sample goal dropout to the null embedding."""

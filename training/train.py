@@ -1,0 +1,249 @@
+"""Offline CFGRL training: flow matching with 10% goal dropout, nothing else.
+
+    cfgrl-train --dataset data/visual-cube-single-play-v0.npz --goal-mode oracle --out runs/cube
+    cfgrl-train --config config/train_cube.yaml --steps 1000            # flags override YAML
+    torchrun --nproc-per-node 4 -m training.train --dataset ...          # DistributedDataParallel
+
+Every run directory holds checkpoint.safetensors (policy + optimizer, resumable with --resume),
+metrics.csv and TensorBoard events. Seeding is per step (seed, step, rank), so a resumed run draws
+the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from cfgrl_ros.checkpoint import load_checkpoint, save_checkpoint
+from cfgrl_ros.policy import CFGRLPolicy, PolicyConfig
+from training.data import GoalBatchSampler, dataset_fingerprint, load_dataset_pair
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    dataset: str = ""
+    out: str = "runs/cfgrl"
+    goal_mode: str = "oracle"
+    goal_encoder: str = "shared"
+    steps: int = 500_000
+    batch_size: int = 256
+    lr: float = 3e-4
+    p_aug: float = 0.5
+    condition_dropout: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 100
+    val_every: int = 5_000
+    val_batches: int = 8
+    save_every: int = 10_000
+    resume: bool = False
+    compile: bool = False
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Adam's per-parameter state as flat named tensors, for the safetensors checkpoint."""
+    flat = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            flat[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return flat
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in flat.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + rank) % 2**63
+
+
+class MetricsLog:
+    """CSV + TensorBoard, written by rank 0 only."""
+
+    def __init__(self, out: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = out / "metrics.csv"
+        new = not self.path.exists()
+        self.file = open(self.path, "a", newline="")
+        self.csv = csv.writer(self.file)
+        if new:
+            self.csv.writerow(["step", "name", "value", "wall_time"])
+        self.tensorboard = SummaryWriter(str(out / "tensorboard"))
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        now = time.time()
+        for name, value in values.items():
+            self.csv.writerow([step, name, f"{value:.6g}", f"{now:.3f}"])
+            self.tensorboard.add_scalar(name, value, step)
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        self.tensorboard.close()
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def validation_loss(policy: CFGRLPolicy, sampler: GoalBatchSampler, batches: int, seed: int) -> float:
+    """Mean flow loss on fixed validation batches (fixed seeds, no augmentation)."""
+    policy.eval()
+    losses = []
+    for i in range(batches):
+        sampler.reseed(step_seed(seed, i, 0))
+        batch = sampler.sample(augment=False)
+        losses.append(policy.flow_matching_loss(batch, sampler.generator).item())
+    policy.train()
+    return sum(losses) / len(losses)
+
+
+def train(config: TrainConfig) -> Path:
+    """Train (or resume) a policy; returns the checkpoint path."""
+    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    rank, local_rank, world = 0, 0, 1
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = resolve_device(config.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if config.batch_size % world:
+        raise ValueError(f"batch size {config.batch_size} does not split over {world} processes")
+
+    train_data, val_data = load_dataset_pair(config.dataset)
+    batch = config.batch_size // world
+    sampler = GoalBatchSampler(train_data, config.goal_mode, batch, device, seed=config.seed, p_aug=config.p_aug)
+    val_sampler = GoalBatchSampler(val_data, config.goal_mode, batch, device, seed=config.seed, p_aug=0.0)
+    out = Path(config.out)
+    checkpoint_path = out / "checkpoint.safetensors"
+
+    torch.manual_seed(config.seed)
+    policy_config = PolicyConfig(
+        action_dim=train_data.action_dim, goal_mode=config.goal_mode, goal_dim=train_data.goal_dim(config.goal_mode),
+        goal_encoder=config.goal_encoder, condition_dropout=config.condition_dropout,
+    )
+    policy = CFGRLPolicy(policy_config).to(device)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, fused=device.type == "cuda")
+    start_step = 0
+    if config.resume and checkpoint_path.exists():
+        checkpoint = load_checkpoint(checkpoint_path, device)
+        if checkpoint.config != policy_config:
+            raise ValueError(f"cannot resume {checkpoint_path}: its config {checkpoint.config} != {policy_config}")
+        policy.load_state_dict(checkpoint.policy.state_dict())
+        load_optimizer_tensors(optimizer, {k: v.to(device) for k, v in checkpoint.train_state.items()})
+        start_step = checkpoint.step
+    model: torch.nn.Module = policy
+    if distributed:
+        model = DistributedDataParallel(policy, device_ids=[local_rank] if device.type == "cuda" else None)
+    if config.compile:
+        model = torch.compile(model)
+    fingerprint = dataset_fingerprint(config.dataset)
+    metadata = {"train_config": json.dumps(dataclasses.asdict(config))}
+
+    def save(step: int) -> None:
+        if rank == 0:
+            save_checkpoint(checkpoint_path, policy, dataset_fingerprint=fingerprint, step=step,
+                            train_state=optimizer_tensors(optimizer), extra_metadata=metadata)
+
+    log = MetricsLog(out) if rank == 0 else None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    progress = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
+                    disable=rank != 0, desc="train", unit="step", dynamic_ncols=True)
+    last_time, last_step = time.perf_counter(), start_step
+    policy.train()
+    for step in progress:
+        sampler.reseed(step_seed(config.seed, step, rank))
+        batch = sampler.sample()
+        with autocast:
+            loss = model(batch, sampler.generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps:
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss became {loss_value} at step {done}; last checkpoint: {checkpoint_path}")
+            now = time.perf_counter()
+            rate = (done - last_step) / (now - last_time)
+            last_time, last_step = now, done
+            progress.set_postfix(loss=f"{loss_value:.4f}", steps_s=f"{rate:.1f}")
+            if log:
+                log.log(done, {"train/loss": loss_value, "train/steps_per_s": rate})
+        if done % config.val_every == 0 or done == config.steps:
+            value = validation_loss(policy, val_sampler, config.val_batches, config.seed)
+            if log:
+                log.log(done, {"val/loss": value})
+                progress.write(f"step {done}: val loss {value:.4f}")
+        if done % config.save_every == 0 or done == config.steps:
+            save(done)
+    if start_step >= config.steps:
+        save(start_step)
+    if log:
+        log.close()
+    if distributed:
+        dist.destroy_process_group()
+    return checkpoint_path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file of TrainConfig fields; flags given on the command line win")
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, type={"int": int, "float": float}.get(field.type, str), default=None)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    args = build_parser().parse_args(argv)
+    values: dict = {}
+    if args.config:
+        values = yaml.safe_load(Path(args.config).read_text()) or {}
+        unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
+        if unknown:
+            raise SystemExit(f"{args.config}: unknown training options {sorted(unknown)}")
+    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    config = TrainConfig(**values)
+    if not config.dataset:
+        raise SystemExit("--dataset is required (a path to <name>.npz with <name>-val.npz beside it)")
+    return config
+
+
+def main(argv: list[str] | None = None) -> None:
+    checkpoint = train(parse_config(argv))
+    print(f"checkpoint: {checkpoint}")
+
+
+if __name__ == "__main__":
+    main()
