@@ -1,0 +1,1 @@
+"""Offline pipeline: data loading, training, evaluation, export and dataset generation."""
