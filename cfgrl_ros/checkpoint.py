@@ -61,8 +61,8 @@ def code_version() -> str:
 def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(tensors):
-        tensor = tensors[name].contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        tensor = tensors[name].contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensors[name].shape)};".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 

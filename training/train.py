@@ -34,6 +34,7 @@ from training.data import GoalBatchSampler, dataset_fingerprint, load_dataset_pa
 @dataclasses.dataclass
 class TrainConfig:
     dataset: str = ""
+    env_name: str = ""  # lets oracle goals be computed from qpos when the file has no oracle_reps
     out: str = "runs/cfgrl"
     goal_mode: str = "oracle"
     goal_encoder: str = "shared"
@@ -133,7 +134,7 @@ def train(config: TrainConfig) -> Path:
     if config.batch_size % world:
         raise ValueError(f"batch size {config.batch_size} does not split over {world} processes")
 
-    train_data, val_data = load_dataset_pair(config.dataset)
+    train_data, val_data = load_dataset_pair(config.dataset, env_name=config.env_name or None)
     batch = config.batch_size // world
     sampler = GoalBatchSampler(train_data, config.goal_mode, batch, device, seed=config.seed, p_aug=config.p_aug)
     val_sampler = GoalBatchSampler(val_data, config.goal_mode, batch, device, seed=config.seed, p_aug=0.0)
@@ -143,6 +144,7 @@ def train(config: TrainConfig) -> Path:
     torch.manual_seed(config.seed)
     policy_config = PolicyConfig(
         action_dim=train_data.action_dim, goal_mode=config.goal_mode, goal_dim=train_data.goal_dim(config.goal_mode),
+        image_size=train_data.observations.shape[1],
         goal_encoder=config.goal_encoder, condition_dropout=config.condition_dropout,
     )
     policy = CFGRLPolicy(policy_config).to(device)
@@ -168,10 +170,10 @@ def train(config: TrainConfig) -> Path:
             save_checkpoint(checkpoint_path, policy, dataset_fingerprint=fingerprint, step=step,
                             train_state=optimizer_tensors(optimizer), extra_metadata=metadata)
 
-    log = MetricsLog(out) if rank == 0 else None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    log = MetricsLog(out) if rank == 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     progress = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
                     disable=rank != 0, desc="train", unit="step", dynamic_ncols=True)
