@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The test command: set-up (fast when nothing changed), then the whole test suite.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k messages -x`.
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$REPO_ROOT/scripts/setup.sh"
+# shellcheck source=scripts/_env.sh
+source "$REPO_ROOT/scripts/_env.sh"
+cd "$REPO_ROOT"
+
+status=0
+python -m pytest -q tests "$@" || status=$?
+if ((status == 5)); then
+  echo "test.sh: pytest collected no tests; that is a failure here" >&2
+  exit 1
+fi
+exit "$status"
