@@ -3,19 +3,49 @@
 Every engine runs the whole guided sampler (encode once, `flow_steps` guided Euler steps, clip) and
 takes the same runtime inputs: uint8 observations (B, H, W, 3), goals, w (B,) and noise
 (B, action_dim), so the node and the evaluators never care which one they hold.
+
+Backends: torch (eager), compiled (torch.compile), onnxruntime (the ONNX export), cuda_graph (one
+CUDA graph for the encoder and one for a single Euler step, replayed), tensorrt (torch-tensorrt
+fp16 program built from the torch.export program), and auto (the fastest that can run here).
+A backend that cannot run on this machine raises EngineUnavailable, so a caller can fall back.
+
+Exported artifacts (ONNX, TensorRT) unroll a fixed number of flow steps; they live in an artifacts
+directory beside the checkpoint (`ckpt.safetensors` -> `ckpt.export/`), each with a JSON sidecar
+that says what it was built from.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
+import json
+import logging
 import time
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn as nn
 
-from cfgrl_ros.checkpoint import load_checkpoint
+from cfgrl_ros.checkpoint import Checkpoint, load_checkpoint
 from cfgrl_ros.policy import PolicyConfig
-from cfgrl_ros.sampler import GuidedSampler
+from cfgrl_ros.sampler import GuidedSampler, check_sampler_inputs
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "compiled", "onnxruntime", "cuda_graph", "tensorrt")
+# Fastest first. CPU order measured at batch 1, 16 steps on the 2-core dev machine (see
+# docs/benchmarks.md): onnxruntime with one intra-op thread beats eager torch ~2-3x there, and
+# torch.compile gains little over eager while costing a minute of compilation.
+AUTO_ORDER = {"cuda": ("tensorrt", "cuda_graph", "compiled", "torch"), "cpu": ("onnxruntime", "torch")}
+INPUT_NAMES = ("observations", "goals", "w", "noise")
+TENSORRT_MISSING = ("torch-tensorrt is not installed: the package index only has stubs that fetch from "
+                    "NVIDIA's own index")
+
+
+class EngineUnavailable(RuntimeError):
+    """This backend cannot run here (missing package, no CUDA, stale artifact): fall back to another."""
 
 
 class Engine(Protocol):
@@ -45,6 +75,384 @@ class TorchEngine:
                             noise.to(self.device), flow_steps)
 
 
+class CompiledEngine:
+    """torch.compile of the encoder and of one Euler step; the step loop stays in Python.
+
+    t, dt and w are tensors and flow_steps only sets the loop length, so changing any of them never
+    recompiles; a new batch size recompiles once, then the batch dimension is dynamic. Inductor's
+    FX graph cache (TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_$USER) makes later loads fast.
+    """
+
+    name = "compiled"
+
+    def __init__(self, sampler: GuidedSampler, device: str | torch.device = "cpu", mode: str | None = None):
+        self.device = torch.device(device)
+        self.sampler = sampler.to(self.device).eval()
+        self.config = sampler.policy.config
+        self.mode = mode
+        self._encode = torch.compile(self.sampler.encode, mode=mode)
+        self._step = torch.compile(self.sampler.euler_step, mode=mode)
+        log.info("compiled engine: torch.compile(mode=%s), inductor cache %s", mode or "default", inductor_cache_dir())
+
+    @torch.inference_mode()
+    def infer(self, observations: torch.Tensor, goals: torch.Tensor, w: torch.Tensor, noise: torch.Tensor,
+              flow_steps: int) -> torch.Tensor:
+        check_sampler_inputs(observations, goals, w, noise, flow_steps, self.config.action_dim)
+        condition = self._encode(observations.to(self.device), goals.to(self.device))
+        actions, w = noise.to(self.device, condition.dtype), w.to(self.device)
+        dt = torch.tensor(1.0 / flow_steps, device=self.device)
+        for i in range(flow_steps):
+            actions = self._step(condition, actions, torch.tensor(i / flow_steps, device=self.device), dt, w)
+        return actions.clamp(-1.0, 1.0)
+
+
+class CudaGraphEngine:
+    """Two CUDA graphs per batch size: the encoder, and one guided Euler step replayed flow_steps times.
+
+    Inputs, w, t, dt and the actions live in static buffers; the step graph updates the actions
+    and advances t by dt in place, so w, the noise and flow_steps change without recapture
+    (t accumulates in fp32: exact for power-of-two step counts, within 1e-7 otherwise).
+    """
+
+    name = "cuda_graph"
+
+    def __init__(self, sampler: GuidedSampler, device: str | torch.device = "cuda"):
+        self.device = torch.device(device)
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            raise EngineUnavailable(f"cuda_graph needs a CUDA device (asked for {self.device}, "
+                                    f"CUDA available: {torch.cuda.is_available()})")
+        self.sampler = sampler.to(self.device).eval()
+        self.config = sampler.policy.config
+        self._pool = torch.cuda.graph_pool_handle()
+        self._graphs: dict[int, _CapturedSampler] = {}
+
+    @torch.inference_mode()
+    def infer(self, observations: torch.Tensor, goals: torch.Tensor, w: torch.Tensor, noise: torch.Tensor,
+              flow_steps: int) -> torch.Tensor:
+        check_sampler_inputs(observations, goals, w, noise, flow_steps, self.config.action_dim)
+        batch_size = observations.shape[0]
+        if batch_size not in self._graphs:
+            log.info("cuda_graph: capturing encoder and Euler-step graphs for batch %d", batch_size)
+            self._graphs[batch_size] = _CapturedSampler(self.sampler, (observations, goals, w, noise), self._pool)
+        return self._graphs[batch_size].run(observations, goals, w, noise, flow_steps)
+
+
+class _CapturedSampler:
+    def __init__(self, sampler: GuidedSampler, inputs: tuple[torch.Tensor, ...], pool: tuple):
+        device = next(sampler.parameters()).device
+        self.observations, self.goals, self.w, self.actions = (x.to(device).clone() for x in inputs)
+        self.t = torch.zeros((), device=device)
+        self.dt = torch.full((), 1.0 / 16, device=device)
+        encode = lambda: sampler.encode(self.observations, self.goals)  # noqa: E731
+
+        def step() -> None:
+            self.actions.copy_(sampler.euler_step(self.condition, self.actions, self.t, self.dt, self.w))
+            self.t.add_(self.dt)
+
+        # Warm up on a side stream before capture, as the CUDA-graph docs require (lazy init, autotuning).
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.condition = encode()
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        # Captured in this order and replayed in this order, so the shared pool never hands the
+        # condition's memory (kept alive by self.condition) to the step graph.
+        self.encode_graph, self.step_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.encode_graph, pool=pool):
+            self.condition = encode()
+        with torch.cuda.graph(self.step_graph, pool=pool):
+            step()
+
+    def run(self, observations: torch.Tensor, goals: torch.Tensor, w: torch.Tensor, noise: torch.Tensor,
+            flow_steps: int) -> torch.Tensor:
+        self.observations.copy_(observations)
+        self.goals.copy_(goals)
+        self.w.copy_(w)
+        self.actions.copy_(noise)
+        self.t.zero_()
+        self.dt.fill_(1.0 / flow_steps)
+        self.encode_graph.replay()
+        for _ in range(flow_steps):
+            self.step_graph.replay()
+        return self.actions.clamp(-1.0, 1.0)  # a fresh tensor: the next call overwrites the buffers
+
+
+class OnnxRuntimeEngine:
+    """onnxruntime sessions over the ONNX export, one per flow_steps (each export unrolls its steps)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, checkpoint: Checkpoint, artifacts_dir: Path, device: str | torch.device = "cpu",
+                 threads: int = 1):
+        ort = _import_onnxruntime()
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            self._providers = ["CUDAExecutionProvider"]
+        elif self.device.type == "cpu":
+            self._providers = ["CPUExecutionProvider"]
+        else:
+            raise EngineUnavailable(f"onnxruntime has no provider for {self.device} "
+                                    f"(available: {ort.get_available_providers()})")
+        self.checkpoint, self.artifacts_dir, self.threads = checkpoint, Path(artifacts_dir), threads
+        self.config = checkpoint.config
+        self._sessions: dict[int, object] = {}
+        self._goal_dtype = np.uint8 if self.config.goal_mode == "image" else np.float32
+
+    def infer(self, observations: torch.Tensor, goals: torch.Tensor, w: torch.Tensor, noise: torch.Tensor,
+              flow_steps: int) -> torch.Tensor:
+        check_sampler_inputs(observations, goals, w, noise, flow_steps, self.config.action_dim)
+        feeds = {"observations": _numpy(observations, np.uint8), "goals": _numpy(goals, self._goal_dtype),
+                 "w": _numpy(w, np.float32), "noise": _numpy(noise, np.float32)}
+        (actions,) = self._session(flow_steps).run(None, feeds)
+        return torch.from_numpy(actions).to(self.device)
+
+    def _session(self, flow_steps: int):
+        if flow_steps not in self._sessions:
+            ort = _import_onnxruntime()
+            path = onnx_artifact(self.checkpoint, flow_steps, self.artifacts_dir)
+            options = ort.SessionOptions()
+            # One intra-op thread: at batch 1 the ops are too small to split, and on a shared CPU
+            # a spinning thread pool costs more than it gives.
+            options.intra_op_num_threads = self.threads
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            self._sessions[flow_steps] = ort.InferenceSession(str(path), options, providers=self._providers)
+        return self._sessions[flow_steps]
+
+
+class TensorRTEngine:
+    """A torch-tensorrt fp16 program of the whole sampler at a fixed flow_steps, dynamic batch."""
+
+    name = "tensorrt"
+
+    def __init__(self, program_path: Path, config: PolicyConfig, flow_steps: int, device: torch.device):
+        import torch_tensorrt  # noqa: F401  registers the TensorRT ops the saved program calls
+
+        self.device, self.config, self.flow_steps = device, config, flow_steps
+        self._module = torch.export.load(str(program_path)).module().to(device)
+
+    @torch.inference_mode()
+    def infer(self, observations: torch.Tensor, goals: torch.Tensor, w: torch.Tensor, noise: torch.Tensor,
+              flow_steps: int) -> torch.Tensor:
+        check_sampler_inputs(observations, goals, w, noise, flow_steps, self.config.action_dim)
+        if flow_steps != self.flow_steps:
+            raise ValueError(f"this TensorRT program was built for flow_steps={self.flow_steps}, got {flow_steps}; "
+                             f"export one with `cfgrl-export --flow-steps {flow_steps}`")
+        return self._module(*_tensorrt_inputs(self.config, observations, goals, w, noise, self.device))
+
+
+# --- Exportable form of the sampler and its artifacts ---------------------------------------------
+
+class FixedStepsSampler(nn.Module):
+    """The whole guided sampler with flow_steps unrolled: (observations, goals, w, noise) -> actions.
+
+    w and the noise stay inputs (never baked in); the step times are constants of the artifact.
+    Image inputs may be uint8 or already float (0..255); actions come out float32.
+    """
+
+    def __init__(self, sampler: GuidedSampler, flow_steps: int):
+        super().__init__()
+        if flow_steps < 1:
+            raise ValueError(f"flow_steps must be >= 1, got {flow_steps}")
+        self.sampler, self.flow_steps = sampler, flow_steps
+
+    def forward(self, observations: torch.Tensor, goals: torch.Tensor, w: torch.Tensor,
+                noise: torch.Tensor) -> torch.Tensor:
+        condition = self.sampler.encode(observations, goals)
+        actions = noise.to(condition.dtype)
+        dt = torch.tensor(1.0 / self.flow_steps)
+        for i in range(self.flow_steps):
+            actions = self.sampler.euler_step(condition, actions, torch.tensor(i / self.flow_steps), dt, w)
+        return actions.clamp(-1.0, 1.0).float()
+
+
+def artifact_path(artifacts_dir: str | Path, kind: str, flow_steps: int) -> Path:
+    """Where each artifact lives: sampler_k16.pt2, sampler_k16.onnx, sampler_k16_tensorrt_fp16.ep."""
+    names = {"pt2": "sampler_k{}.pt2", "onnx": "sampler_k{}.onnx", "tensorrt": "sampler_k{}_tensorrt_fp16.ep"}
+    return Path(artifacts_dir) / names[kind].format(flow_steps)
+
+
+def default_artifacts_dir(checkpoint_path: str | Path) -> Path:
+    return Path(checkpoint_path).with_suffix(".export")
+
+
+def read_sidecar(path: Path) -> dict | None:
+    sidecar = path.with_name(path.name + ".json")
+    if not (path.is_file() and sidecar.is_file()):
+        return None
+    try:
+        return json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_sidecar(path: Path, metadata: dict) -> None:
+    path.with_name(path.name + ".json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+
+
+def artifact_metadata(checkpoint: Checkpoint, flow_steps: int, kind: str, max_batch: int) -> dict:
+    return {"kind": kind, "model_sha256": checkpoint.metadata.get("sha256", ""), "flow_steps": flow_steps,
+            "goal_mode": checkpoint.config.goal_mode, "inputs": list(INPUT_NAMES), "outputs": ["actions"],
+            "batch": [1, max_batch], "torch": torch.__version__}
+
+
+def export_program(sampler: GuidedSampler, flow_steps: int, max_batch: int = 4096,
+                   device: str | torch.device = "cpu",
+                   image_dtype: torch.dtype = torch.uint8) -> torch.export.ExportedProgram:
+    """torch.export the unrolled sampler with a dynamic batch dimension (1..max_batch)."""
+    config = sampler.policy.config
+    module = FixedStepsSampler(sampler.eval(), flow_steps)
+    # Batch 2, not 1: torch.export specializes size-1 dimensions.
+    inputs = example_inputs(config, batch_size=2, device=device)
+    inputs = _with_image_dtype(config, inputs, image_dtype)
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    with torch.no_grad():
+        return torch.export.export(module, inputs, dynamic_shapes=tuple({0: batch} for _ in INPUT_NAMES))
+
+
+def export_onnx(program: torch.export.ExportedProgram, path: str | Path) -> Path:
+    """ONNX (dynamo exporter, graph-optimized) of an exported sampler program."""
+    try:
+        onnx_program = torch.onnx.export(program, dynamo=True, input_names=list(INPUT_NAMES),
+                                         output_names=["actions"], optimize=True)
+    except ImportError as error:  # onnxscript is what the dynamo exporter translates with
+        raise EngineUnavailable(f"ONNX export needs onnxscript: {error}") from error
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx_program.save(str(path))
+    return path
+
+
+def onnx_artifact(checkpoint: Checkpoint, flow_steps: int, artifacts_dir: str | Path) -> Path:
+    """The checkpoint's ONNX export for flow_steps, exported now if it is missing or stale."""
+    path = artifact_path(artifacts_dir, "onnx", flow_steps)
+    found = read_sidecar(path)
+    if found and found.get("model_sha256") == checkpoint.metadata.get("sha256") and found.get("flow_steps") == flow_steps:
+        return path
+    log.info("onnxruntime: %s ONNX export at %s (flow_steps=%d); this takes a while",
+             "refreshing stale" if found else "writing", path, flow_steps)
+    start = time.perf_counter()
+    sampler = GuidedSampler(copy.deepcopy(checkpoint.policy).cpu().float())
+    export_onnx(export_program(sampler, flow_steps), path)
+    write_sidecar(path, artifact_metadata(checkpoint, flow_steps, "onnx", max_batch=4096))
+    log.info("onnxruntime: ONNX export took %.1f s", time.perf_counter() - start)
+    return path
+
+
+# --- TensorRT: build, cache key, refusal on mismatch -----------------------------------------------
+
+def tensorrt_cache_key(checkpoint: Checkpoint, flow_steps: int, max_batch: int, device: torch.device) -> dict:
+    """Everything a TensorRT engine depends on; any difference means it must not be used."""
+    torch_tensorrt, tensorrt = _import_tensorrt()
+    properties = torch.cuda.get_device_properties(device)
+    config = checkpoint.config
+    goal_shape = [config.image_size, config.image_size, 3] if config.goal_mode == "image" else [config.goal_dim]
+    return {
+        "model_sha256": checkpoint.metadata.get("sha256", ""),
+        "tensorrt": tensorrt.__version__,
+        "torch_tensorrt": torch_tensorrt.__version__,
+        "torch": torch.__version__,
+        "gpu": properties.name,
+        "compute_capability": f"{properties.major}.{properties.minor}",
+        "precision": "fp16",
+        "flow_steps": flow_steps,
+        "shapes": {"batch": [1, 1, max_batch], "observation": [config.image_size, config.image_size, 3],
+                   "goal": goal_shape, "action": [config.action_dim]},
+    }
+
+
+def check_cache_key(expected: dict, found: dict | None, path: Path) -> None:
+    """Refuse a stale or foreign TensorRT program, naming every field that differs."""
+    if found is None:
+        raise EngineUnavailable(f"{path} has no readable cache key ({path.name}.json)")
+    differences = [f"{k}: built for {found.get(k)!r}, here {v!r}" for k, v in expected.items() if found.get(k) != v]
+    if differences:
+        raise EngineUnavailable(f"TensorRT program {path} does not match this model/machine ("
+                                + "; ".join(differences) + "); rebuild it with `cfgrl-export --formats tensorrt` "
+                                "or delete it")
+
+
+def build_tensorrt(checkpoint: Checkpoint, flow_steps: int, path: str | Path, device: str | torch.device = "cuda",
+                   max_batch: int = 1024) -> Path:
+    """Compile the exported sampler with torch-tensorrt in fp16 and save it with its cache key."""
+    torch_tensorrt, _ = _import_tensorrt()
+    device = _cuda_device(device, "tensorrt")
+    key = tensorrt_cache_key(checkpoint, flow_steps, max_batch, device)
+    # fp16 weights and activations, explicit in the graph; images enter as fp16 (0..255 is exact).
+    sampler = GuidedSampler(copy.deepcopy(checkpoint.policy).to(device).half().eval())
+    program = export_program(sampler, flow_steps, max_batch, device, image_dtype=torch.float16)
+    example = _with_image_dtype(checkpoint.config, example_inputs(checkpoint.config, 1, device), torch.float16)
+    trt_inputs = [torch_tensorrt.Input(min_shape=(1, *x.shape[1:]), opt_shape=(1, *x.shape[1:]),
+                                       max_shape=(max_batch, *x.shape[1:]), dtype=x.dtype) for x in example]
+    options = inspect.signature(torch_tensorrt.dynamo.compile).parameters
+    # Newer torch-tensorrt takes precision from the graph's dtypes; older needs enabled_precisions.
+    precision = {"use_explicit_typing": True} if "use_explicit_typing" in options else {
+        "enabled_precisions": {torch.float16}}
+    log.warning("tensorrt: building an fp16 engine for %s (flow_steps=%d, batch 1..%d) on %s; this takes minutes",
+                checkpoint.metadata.get("sha256", "?")[:12], flow_steps, max_batch, key["gpu"])
+    start = time.perf_counter()
+    with torch.no_grad():
+        module = torch_tensorrt.dynamo.compile(program, arg_inputs=trt_inputs, device=device, min_block_size=1,
+                                               **precision)
+    log.warning("tensorrt: build took %.1f s", time.perf_counter() - start)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch_tensorrt.save(module, str(path), output_format="exported_program", arg_inputs=list(example))
+    write_sidecar(path, key)
+    return path
+
+
+def _tensorrt_inputs(config: PolicyConfig, observations: torch.Tensor, goals: torch.Tensor, w: torch.Tensor,
+                     noise: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+    inputs = tuple(x.to(device) for x in (observations, goals, w, noise))
+    inputs = _with_image_dtype(config, inputs, torch.float16)
+    return inputs[0], inputs[1], inputs[2].float(), inputs[3].float()
+
+
+def _import_tensorrt():
+    try:
+        import tensorrt
+        import torch_tensorrt
+    except ImportError as error:
+        raise EngineUnavailable(f"{TENSORRT_MISSING} ({error})") from error
+    return torch_tensorrt, tensorrt
+
+
+def _import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise EngineUnavailable(f"onnxruntime is not installed ({error})") from error
+    return onnxruntime
+
+
+def _cuda_device(device: str | torch.device, backend: str) -> torch.device:
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise EngineUnavailable(f"{backend} needs a CUDA device (asked for {device}, "
+                                f"CUDA available: {torch.cuda.is_available()})")
+    return device
+
+
+def _with_image_dtype(config: PolicyConfig, inputs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple:
+    observations, goals, w, noise = inputs
+    goals = goals.to(dtype) if config.goal_mode == "image" else goals
+    return observations.to(dtype), goals, w, noise
+
+
+def _numpy(x: torch.Tensor, dtype: type) -> np.ndarray:
+    return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=dtype)
+
+
+def inductor_cache_dir() -> str:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return cache_dir()
+
+
+# --- Loading --------------------------------------------------------------------------------------
+
 def example_inputs(config: PolicyConfig, batch_size: int = 1, device: str | torch.device = "cpu",
                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Deterministic inputs of the right shapes and dtypes, for warm-up, export and tests."""
@@ -71,14 +479,68 @@ def warm_up(engine: Engine, flow_steps: int = 16, iterations: int = 3) -> float:
     return time.perf_counter() - start
 
 
-def load_engine(checkpoint_path: str, backend: str = "torch", device: str = "cpu") -> Engine:
-    """Load a checkpoint into the named engine and warm it up."""
-    if backend != "torch":
-        raise ValueError(f"unknown backend {backend!r}; available: torch")
-    checkpoint = load_checkpoint(checkpoint_path, device=device)
-    engine = TorchEngine(GuidedSampler(checkpoint.policy), device)
-    warm_up(engine)
+def load_engine(checkpoint_path: str, backend: str = "torch", device: str = "cpu", *, flow_steps: int = 16,
+                artifacts_dir: str | Path | None = None, compile_mode: str | None = None,
+                onnx_threads: int = 1, tensorrt_max_batch: int = 1024) -> Engine:
+    """Load a checkpoint into the named engine and warm it up at flow_steps.
+
+    Raises ValueError for an unknown backend, CheckpointError for a bad checkpoint and
+    EngineUnavailable when the backend cannot run here (so a caller can fall back). "auto" tries
+    the fastest engines for the device in turn and logs which one it took and why.
+    """
+    if backend not in (*BACKENDS, "auto"):
+        raise ValueError(f"unknown backend {backend!r}; available: {', '.join((*BACKENDS, 'auto'))}")
+    checkpoint = load_checkpoint(checkpoint_path, device="cpu")
+    artifacts_dir = Path(artifacts_dir) if artifacts_dir else default_artifacts_dir(checkpoint_path)
+    options = dict(flow_steps=flow_steps, artifacts_dir=artifacts_dir, compile_mode=compile_mode,
+                   onnx_threads=onnx_threads, tensorrt_max_batch=tensorrt_max_batch)
+    if backend != "auto":
+        return _build_engine(checkpoint, backend, torch.device(device), **options)
+    skipped = []
+    for candidate in AUTO_ORDER["cuda" if torch.device(device).type == "cuda" else "cpu"]:
+        try:
+            engine = _build_engine(checkpoint, candidate, torch.device(device), **options)
+        except EngineUnavailable as error:
+            log.warning("auto: %s is unavailable: %s", candidate, error)
+            skipped.append(candidate)
+            continue
+        log.info("auto: chose %s on %s (fastest available for this device%s)", candidate, device,
+                 f"; skipped {', '.join(skipped)}" if skipped else "")
+        return engine
+    raise EngineUnavailable(f"no engine can run on {device}")  # unreachable: torch always runs
+
+
+def _build_engine(checkpoint: Checkpoint, backend: str, device: torch.device, *, flow_steps: int,
+                  artifacts_dir: Path, compile_mode: str | None, onnx_threads: int,
+                  tensorrt_max_batch: int) -> Engine:
+    sampler = lambda: GuidedSampler(copy.deepcopy(checkpoint.policy))  # noqa: E731  fresh copy per engine
+    if backend == "torch":
+        engine = TorchEngine(sampler(), device)
+    elif backend == "compiled":
+        engine = CompiledEngine(sampler(), device, compile_mode)
+    elif backend == "cuda_graph":
+        engine = CudaGraphEngine(sampler(), device)
+    elif backend == "onnxruntime":
+        engine = OnnxRuntimeEngine(checkpoint, artifacts_dir, device, onnx_threads)
+    else:
+        engine = _load_tensorrt(checkpoint, flow_steps, artifacts_dir, device, tensorrt_max_batch)
+    try:
+        seconds = warm_up(engine, flow_steps)
+    except torch._dynamo.exc.BackendCompilerFailed as error:  # e.g. no C++ compiler for inductor
+        raise EngineUnavailable(f"torch.compile failed on {device}: {error}") from error
+    log.info("%s engine ready on %s (warm-up %.2f s)", engine.name, device, seconds)
     return engine
+
+
+def _load_tensorrt(checkpoint: Checkpoint, flow_steps: int, artifacts_dir: Path, device: torch.device,
+                   max_batch: int) -> TensorRTEngine:
+    _import_tensorrt()
+    device = _cuda_device(device, "tensorrt")
+    path = artifact_path(artifacts_dir, "tensorrt", flow_steps)
+    if not path.is_file():
+        build_tensorrt(checkpoint, flow_steps, path, device, max_batch)
+    check_cache_key(tensorrt_cache_key(checkpoint, flow_steps, max_batch, device), read_sidecar(path), path)
+    return TensorRTEngine(path, checkpoint.config, flow_steps, device)
 
 
 def to_numpy(actions: torch.Tensor) -> np.ndarray:
