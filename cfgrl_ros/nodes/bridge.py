@@ -1,0 +1,59 @@
+"""What the sim, replay and recorder nodes share: the policy node's topics, their QoS, message conversions.
+
+QoS matches the policy node: it subscribes to the camera best-effort keep-last-1 and to the goals
+reliable transient-local, and publishes actions reliable keep-last-1. Our publishers are reliable
+(a reliable publisher serves best-effort and reliable subscribers alike, so a recorder gets every frame).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from builtin_interfaces.msg import Time
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import Image
+from std_msgs.msg import Float32MultiArray, MultiArrayDimension, String
+
+CAMERA_TOPIC = "camera/image"
+GOAL_IMAGE_TOPIC = "goal/image"
+GOAL_VECTOR_TOPIC = "goal/vector"
+ACTION_TOPIC = "action"
+RESULT_TOPIC = "episode/result"
+STATUS_TOPIC = "sim/status"
+
+CAMERA_QOS = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
+LATCHED_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
+ACTION_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
+EVENTS_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
+
+
+def rgb_image(pixels: np.ndarray, stamp: Time, frame_id: str) -> Image:
+    """(H, W, 3) uint8 -> rgb8 Image. Assigning bytes, not the array, is ~350x faster in rclpy."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got {pixels.dtype} {pixels.shape}")
+    message = Image(height=pixels.shape[0], width=pixels.shape[1], encoding="rgb8", is_bigendian=0,
+                    step=pixels.shape[1] * 3)
+    message.header.stamp, message.header.frame_id = stamp, frame_id
+    message.data = np.ascontiguousarray(pixels).tobytes()
+    return message
+
+
+def vector_message(values: np.ndarray) -> Float32MultiArray:
+    message = Float32MultiArray()
+    message.layout.dim = [MultiArrayDimension(label="goal", size=len(values), stride=len(values))]
+    message.data = np.asarray(values, dtype=np.float32).tolist()
+    return message
+
+
+def json_message(payload: dict) -> String:
+    return String(data=json.dumps(payload, sort_keys=True))
+
+
+def stamp_from_ns(nanoseconds: int) -> Time:
+    return Time(sec=nanoseconds // 1_000_000_000, nanosec=nanoseconds % 1_000_000_000)
+
+
+def stamp_to_ns(stamp: Time) -> int:
+    return stamp.sec * 1_000_000_000 + stamp.nanosec

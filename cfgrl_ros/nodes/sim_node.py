@@ -1,0 +1,243 @@
+#!/usr/bin/env python3
+"""cfgrl_sim: an OGBench visual task (or the toy pointreach) bridged to the policy node's topics.
+
+Publishes camera/image (rgb8), the task's goal latched on goal/image and goal/vector, results on
+episode/result and its state on sim/status (std_msgs/String, JSON); consumes `action` (PolicyAction).
+Service `reset` (std_srvs/Trigger) starts an episode with the parameters task_id and seed.
+
+Clocks (parameter `clock`):
+- lockstep: one env step per action. An action counts only if its image_stamp is the stamp of the
+  frame on display, so duplicates and late actions cannot step the env twice. Frame k+1 is published
+  only after action k is applied. /clock carries sim time (step * control period) for use_sim_time;
+  if no usable action arrives within resend_timeout_s the frame is published again (a lost frame or
+  a refused action must not stall the episode).
+- realtime: a timer at control_rate_hz steps the env with the newest action; a tick without a new
+  action repeats the previous one and counts a miss.
+A bad action (wrong length, NaN/inf, out of bounds) is logged as an error, counted and not applied.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import rclpy
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
+from rclpy.duration import Duration
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rosgraph_msgs.msg import Clock
+from sensor_msgs.msg import Image
+from std_msgs.msg import Float32MultiArray, String
+from std_srvs.srv import Trigger
+
+from cfgrl_ros.msg import PolicyAction
+from cfgrl_ros.nodes import bridge
+from cfgrl_ros.sim import ActionLatch, BadActionError, Episode, SimConfigError, check_task_id, make_sim
+
+CLOCKS = ("lockstep", "realtime")
+SIM_TIME_START_NS = 1_000_000_000  # sim time 0 means "no clock yet" to use_sim_time nodes
+
+
+class SimNode(Node):
+    def __init__(self, **kwargs):
+        super().__init__("cfgrl_sim", **kwargs)
+        self._declare_parameters()
+        self.clock_mode = self.get_parameter("clock").value
+        if self.clock_mode not in CLOCKS:
+            raise SimConfigError(f"clock must be one of {CLOCKS}, got {self.clock_mode!r}")
+        steps = self.get_parameter("max_episode_steps").value
+        self.sim = make_sim(self.get_parameter("env_name").value, steps or None,
+                            self.get_parameter("shadow_size").value)
+        self.frame_id = self.get_parameter("frame_id").value
+        self.sim_time_ns = SIM_TIME_START_NS
+        self.period_ns = int(round(self.sim.control_period_s * 1e9))
+        self.episode: Episode | None = None
+        self.episode_index = 0
+        self.frame_stamp = None
+        self.last_frame_wall = 0.0
+        self._reset_counters()
+
+        self.camera_pub = self.create_publisher(Image, bridge.CAMERA_TOPIC, bridge.CAMERA_QOS)
+        self.goal_image_pub = self.create_publisher(Image, bridge.GOAL_IMAGE_TOPIC, bridge.LATCHED_QOS)
+        self.goal_vector_pub = self.create_publisher(Float32MultiArray, bridge.GOAL_VECTOR_TOPIC, bridge.LATCHED_QOS)
+        self.result_pub = self.create_publisher(String, bridge.RESULT_TOPIC, bridge.EVENTS_QOS)
+        self.status_pub = self.create_publisher(String, bridge.STATUS_TOPIC, bridge.LATCHED_QOS)
+        self.clock_pub = self.create_publisher(Clock, "/clock", 10) if self.clock_mode == "lockstep" else None
+        self.create_subscription(PolicyAction, bridge.ACTION_TOPIC, self.on_action, bridge.ACTION_QOS)
+        self.add_on_set_parameters_callback(self._check_parameters)
+        if self.clock_mode == "lockstep":
+            self.create_timer(0.1, self._resend_if_stalled)
+        else:
+            self.create_timer(1.0 / self.get_parameter("control_rate_hz").value, self._on_tick)
+        # Created last: a client that sees the service knows the env is built and the topics exist.
+        self.create_service(Trigger, "reset", self.on_reset)
+        self.get_logger().info(
+            f"{self.sim.env_name}: {self.sim.num_tasks} tasks, action dim {self.sim.action_dim}, "
+            f"{self.sim.max_episode_steps} steps per episode, clock {self.clock_mode}")
+        if self.get_parameter("autostart").value:
+            self.start_episode()
+
+    def _declare_parameters(self) -> None:
+        self.declare_parameter("env_name", "visual-cube-single-v0")
+        self.declare_parameter("task_id", 1, ParameterDescriptor(description="task for the next reset (1-5)"))
+        self.declare_parameter("seed", 0, ParameterDescriptor(description="env seed for the next reset"))
+        self.declare_parameter("max_episode_steps", 0, ParameterDescriptor(description="0: the env's own limit"))
+        self.declare_parameter("clock", "lockstep", ParameterDescriptor(description="lockstep | realtime"))
+        self.declare_parameter("control_rate_hz", 10.0)
+        self.declare_parameter("resend_timeout_s", 2.0)
+        self.declare_parameter("auto_reset", False, ParameterDescriptor(description="next episode (seed+1) at the end"))
+        self.declare_parameter("autostart", True)
+        self.declare_parameter("shadow_size", 0, ParameterDescriptor(description="0: the env's shadow map"))
+        self.declare_parameter("frame_id", "camera")
+
+    def _check_parameters(self, parameters) -> SetParametersResult:
+        for parameter in parameters:
+            if parameter.name == "task_id":
+                try:
+                    check_task_id(parameter.value, self.sim.num_tasks)
+                except SimConfigError as error:
+                    return SetParametersResult(successful=False, reason=str(error))
+            if parameter.name in ("env_name", "clock", "max_episode_steps", "shadow_size", "control_rate_hz"):
+                return SetParametersResult(successful=False, reason=f"{parameter.name} is fixed at start-up")
+        return SetParametersResult(successful=True)
+
+    def _reset_counters(self) -> None:
+        self.latch = ActionLatch(self.sim.action_dim)
+        self.stale_actions = 0
+        self.resends = 0
+        self.overruns = 0
+        self.w_values: set[float] = set()
+
+    # Episodes ---------------------------------------------------------------------------------
+    def start_episode(self) -> dict:
+        task_id = self.get_parameter("task_id").value
+        seed = self.get_parameter("seed").value
+        self.episode = Episode(self.sim, task_id, seed)
+        self.episode_index += 1
+        self._reset_counters()
+        start = self.episode.start
+        stamp = self._now_stamp()
+        self.goal_image_pub.publish(bridge.rgb_image(start.goal_image, stamp, self.frame_id))
+        self.goal_vector_pub.publish(bridge.vector_message(start.goal_vector))
+        # Let the goals reach their subscribers before the first frame asks for an action.
+        for publisher in (self.goal_image_pub, self.goal_vector_pub):
+            publisher.wait_for_all_acked(Duration(seconds=2.0))
+        self.get_logger().info(f"episode {self.episode_index}: task {task_id}, seed {seed}")
+        self._publish_clock()  # use_sim_time nodes need a clock before the first frame
+        self._publish_frame()
+        return {"episode": self.episode_index, "task_id": task_id, "seed": seed}
+
+    def on_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        try:
+            response.message = json.dumps(self.start_episode())
+            response.success = True
+        except (SimConfigError, ValueError) as error:
+            response.success, response.message = False, str(error)
+            self.get_logger().error(f"reset failed: {error}")
+        return response
+
+    def _finish_episode(self) -> None:
+        result = {**self.episode.result(), **self._counters(), "episode": self.episode_index}
+        self.result_pub.publish(bridge.json_message(result))
+        self.get_logger().info(f"episode {self.episode_index} ended: success={result['success']} "
+                               f"after {result['steps']} steps")
+        if self.get_parameter("auto_reset").value:
+            seed = self.get_parameter("seed").value
+            self.set_parameters([Parameter("seed", value=seed + 1)])
+            self.start_episode()
+
+    def _counters(self) -> dict:
+        return {"clock": self.clock_mode, "missed_ticks": self.latch.misses, "stale_actions": self.stale_actions,
+                "resends": self.resends, "overruns": self.overruns, "w_values": sorted(self.w_values)}
+
+    # Actions ----------------------------------------------------------------------------------
+    def on_action(self, message: PolicyAction) -> None:
+        if self.episode is None or self.episode.done:
+            self.stale_actions += 1
+            return
+        if self.clock_mode == "lockstep" and (message.image_stamp != self.frame_stamp
+                                              or message.inference_time_ms == 0.0):
+            # An action for an earlier frame (already served), or the policy's stale-input stop
+            # (inference_time_ms 0): neither is the policy's answer to the frame on display.
+            self.stale_actions += 1
+            self._publish_status()
+            return
+        try:
+            action = self.episode.validate(message.action)
+        except BadActionError as error:
+            self.get_logger().error(f"refused action (not applied, episode {self.episode_index} unchanged): {error}")
+            self._publish_status()
+            return
+        self.w_values.add(round(float(message.w), 6))
+        if self.clock_mode == "lockstep":
+            self._step(action)
+        else:
+            self.latch.offer(action)
+
+    def _step(self, action) -> None:
+        self.episode.apply(action)
+        self.sim_time_ns += self.period_ns
+        self._publish_clock()
+        if self.episode.done:
+            self._publish_status()
+            self._finish_episode()
+        else:
+            self._publish_frame()
+
+    def _on_tick(self) -> None:
+        if self.episode is None or self.episode.done:
+            return
+        started = time.monotonic()
+        action, _ = self.latch.take()
+        self._step(action)
+        if time.monotonic() - started > 1.0 / self.get_parameter("control_rate_hz").value:
+            self.overruns += 1
+
+    # Output -----------------------------------------------------------------------------------
+    def _now_stamp(self):
+        if self.clock_mode == "lockstep":
+            return bridge.stamp_from_ns(self.sim_time_ns)
+        return self.get_clock().now().to_msg()
+
+    def _publish_clock(self) -> None:
+        if self.clock_pub is not None:
+            self.clock_pub.publish(Clock(clock=bridge.stamp_from_ns(self.sim_time_ns)))
+
+    def _publish_frame(self) -> None:
+        self.frame_stamp = self._now_stamp()
+        self.camera_pub.publish(bridge.rgb_image(self.episode.image, self.frame_stamp, self.frame_id))
+        self.last_frame_wall = time.monotonic()
+        self._publish_status()
+
+    def _publish_status(self) -> None:
+        status = {**self.episode.result(), **self._counters(), "episode": self.episode_index,
+                  "state_digest": self.sim.state_digest(), "sim_time_ns": self.sim_time_ns}
+        self.status_pub.publish(bridge.json_message(status))
+
+    def _resend_if_stalled(self) -> None:
+        if self.episode is None or self.episode.done:
+            return
+        if time.monotonic() - self.last_frame_wall > self.get_parameter("resend_timeout_s").value:
+            self.resends += 1
+            self.camera_pub.publish(bridge.rgb_image(self.episode.image, self.frame_stamp, self.frame_id))
+            self.last_frame_wall = time.monotonic()
+
+
+def main(args=None) -> None:
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = SimNode()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Simulated tasks for the ROS bridge, without ROS: OGBench visual manipulation envs and the toy pointreach.
+
+The sim node (cfgrl_ros/nodes/sim_node.py) is a thin ROS shell around `Episode`: it publishes what
+`Episode` returns and feeds it the actions it receives. Everything that decides what happens to an
+action (validation, stepping, success, the end of an episode) lives here, so it is tested without DDS.
+
+Episodes follow OGBench's evaluation protocol: `env.reset(seed=..., options=dict(task_id=k,
+render_goal=True))`, the goal image is info['goal_rendered'], the oracle goal vector info['goal']
+(the env is made with use_oracle_rep=True), the episode ends on success (terminate_at_goal) or at the
+time limit, and success is info['success'] at the last step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import warnings
+from typing import Protocol
+
+import numpy as np
+
+POINTREACH = "pointreach"
+# OGBench builds a new float32 Box from float64 bounds on every action_space access: harmless noise.
+warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32.*")
+
+
+class BadActionError(ValueError):
+    """An action the sim refuses to apply: wrong length, NaN/inf, or outside the action bounds."""
+
+
+class SimConfigError(ValueError):
+    """An unknown environment, task id or episode length."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeStart:
+    image: np.ndarray  # (H, W, 3) uint8, the first camera frame
+    goal_image: np.ndarray  # (H, W, 3) uint8
+    goal_vector: np.ndarray  # (G,) float32, OGBench's oracle goal representation
+    task_id: int
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOutcome:
+    image: np.ndarray
+    success: bool
+    done: bool
+
+
+class SimEnv(Protocol):
+    """What `Episode` needs from a task. Images are (H, W, 3) uint8, actions float in [-1, 1]."""
+
+    env_name: str
+    action_dim: int
+    num_tasks: int
+    max_episode_steps: int
+    control_period_s: float
+
+    def reset(self, task_id: int, seed: int) -> EpisodeStart: ...
+
+    def step(self, action: np.ndarray) -> StepOutcome: ...
+
+    def state_digest(self) -> str:
+        """A hash of the full simulator state: equal digests mean an untouched episode."""
+
+
+class OGBenchSim:
+    """An OGBench visual manipulation env (visual-cube-*, visual-scene, visual-puzzle-*)."""
+
+    def __init__(self, env_name: str, max_episode_steps: int | None = None, shadow_size: int = 0):
+        os.environ.setdefault("MUJOCO_GL", "egl")  # must precede the first mujoco import
+        import gymnasium
+        import ogbench  # noqa: F401  (registers the envs)
+
+        if not env_name.startswith("visual-") or env_name not in gymnasium.registry:
+            raise SimConfigError(f"{env_name!r} is not an OGBench visual env id (e.g. visual-cube-single-v0)")
+        kwargs = {} if max_episode_steps is None else {"max_episode_steps": _positive(max_episode_steps)}
+        self.env = gymnasium.make(env_name, use_oracle_rep=True, **kwargs)
+        self.env_name = env_name
+        self.action_dim = int(self.env.action_space.shape[0])
+        self.max_episode_steps = int(self.env.spec.max_episode_steps)
+        unwrapped = self.env.unwrapped
+        self.num_tasks = len(unwrapped.task_infos)
+        self.control_period_s = float(unwrapped.control_timestep())
+        self._shadow_size = shadow_size
+
+    def reset(self, task_id: int, seed: int) -> EpisodeStart:
+        check_task_id(task_id, self.num_tasks)
+        image, info = self.env.reset(seed=seed, options=dict(task_id=task_id, render_goal=True))
+        if self._shadow_size:
+            # The renderer exists only after the first reset; rebuild it with the smaller shadow map
+            # (~1.5x faster on llvmpipe, mean pixel change 0.05/255) and redo this reset with it.
+            self._apply_shadow_size(self._shadow_size)
+            self._shadow_size = 0
+            image, info = self.env.reset(seed=seed, options=dict(task_id=task_id, render_goal=True))
+        return EpisodeStart(image, info["goal_rendered"], np.asarray(info["goal"], np.float32), task_id, seed)
+
+    def step(self, action: np.ndarray) -> StepOutcome:
+        image, _, terminated, truncated, info = self.env.step(action)
+        return StepOutcome(image, bool(info["success"]), bool(terminated or truncated))
+
+    def state_digest(self) -> str:
+        data = self.env.unwrapped._data
+        # ctrl is left out: every step overwrites it from the action (and reset leaves it unseeded).
+        return _digest(data.qpos, data.qvel, data.act, data.mocap_pos, data.mocap_quat)
+
+    def _apply_shadow_size(self, size: int) -> None:
+        unwrapped = self.env.unwrapped
+        unwrapped._model.vis.quality.shadowsize = int(size)
+        if unwrapped._renderer is not None:
+            unwrapped._renderer.close()
+        unwrapped._initialize_renderer()
+
+
+class PointReachSim:
+    """The toy 2-D PointReach task (training/pointreach.py), one episode at a time."""
+
+    env_name = POINTREACH
+    action_dim = 2
+    control_period_s = 0.05  # nominal, like OGBench's manipulation envs: only /clock uses it
+
+    def __init__(self, max_episode_steps: int | None = None):
+        from training import pointreach
+
+        config = pointreach.PointReachConfig()
+        if max_episode_steps is not None:
+            config = dataclasses.replace(config, max_episode_steps=_positive(max_episode_steps))
+        self.batch = pointreach.PointReachBatch(1, "oracle", config)
+        self.num_tasks = pointreach.NUM_TASKS
+        self.max_episode_steps = config.max_episode_steps
+
+    def reset(self, task_id: int, seed: int) -> EpisodeStart:
+        check_task_id(task_id, self.num_tasks)
+        images, goals = self.batch.reset([0], [task_id], [seed])
+        return EpisodeStart(images[0], self.batch.render(goals)[0], goals[0].astype(np.float32), task_id, seed)
+
+    def step(self, action: np.ndarray) -> StepOutcome:
+        images, successes, dones = self.batch.step([0], np.asarray(action, np.float32)[None])
+        return StepOutcome(images[0], bool(successes[0]), bool(dones[0]))
+
+    def state_digest(self) -> str:
+        return _digest(self.batch.positions, self.batch.goals, self.batch.steps)
+
+
+def make_sim(env_name: str, max_episode_steps: int | None = None, shadow_size: int = 0) -> SimEnv:
+    """The sim for an OGBench visual env id, or for 'pointreach' (training/pointreach.py)."""
+    if env_name == POINTREACH:
+        return PointReachSim(max_episode_steps)
+    return OGBenchSim(env_name, max_episode_steps, shadow_size)
+
+
+def check_task_id(task_id: int, num_tasks: int) -> int:
+    if isinstance(task_id, bool) or not isinstance(task_id, (int, np.integer)) or not 1 <= task_id <= num_tasks:
+        raise SimConfigError(f"task_id must be an integer in [1, {num_tasks}], got {task_id!r}")
+    return int(task_id)
+
+
+def validate_action(action, action_dim: int) -> np.ndarray:
+    """The action as float64 (action_dim,), or BadActionError saying what is wrong with it."""
+    values = np.asarray(action, dtype=np.float64).reshape(-1)
+    if values.shape != (action_dim,):
+        raise BadActionError(f"action has {values.size} values, the env takes {action_dim}")
+    if not np.all(np.isfinite(values)):
+        raise BadActionError(f"action contains NaN or inf at indices {np.flatnonzero(~np.isfinite(values)).tolist()}")
+    # The policy clips to [-1, 1]; anything well outside is a bug upstream, not a command to obey.
+    if np.any(np.abs(values) > 1.0 + 1e-5):
+        raise BadActionError(f"action {np.round(values, 4).tolist()} leaves the action bounds [-1, 1]")
+    return np.clip(values, -1.0, 1.0)
+
+
+class Episode:
+    """One task episode: validates and applies actions, counts steps and refused actions."""
+
+    def __init__(self, env: SimEnv, task_id: int, seed: int):
+        self.env = env
+        self.start = env.reset(task_id, seed)
+        self.task_id, self.seed = task_id, seed
+        self.steps = 0
+        self.bad_actions = 0
+        self.success = False
+        self.done = False
+        self.image = self.start.image
+
+    def apply(self, action) -> StepOutcome:
+        """Step once with `action`. A bad action raises BadActionError and leaves the env untouched."""
+        if self.done:
+            raise BadActionError(f"episode (task {self.task_id}, seed {self.seed}) is over; reset first")
+        values = self.validate(action)
+        outcome = self.env.step(values)
+        self.steps += 1
+        self.success, self.done, self.image = outcome.success, outcome.done, outcome.image
+        return outcome
+
+    def validate(self, action) -> np.ndarray:
+        """`validate_action`, counting the refusals."""
+        try:
+            return validate_action(action, self.env.action_dim)
+        except BadActionError:
+            self.bad_actions += 1
+            raise
+
+    def result(self) -> dict:
+        return {
+            "env": self.env.env_name,
+            "task_id": self.task_id,
+            "seed": self.seed,
+            "success": self.success,
+            "steps": self.steps,
+            "done": self.done,
+            "bad_actions": self.bad_actions,
+        }
+
+
+class ActionLatch:
+    """Real-time clock's action hold: each tick takes the newest action, or repeats the last one (a miss)."""
+
+    def __init__(self, action_dim: int):
+        self.current = np.zeros(action_dim)
+        self._fresh = False
+        self.misses = 0
+
+    def offer(self, action: np.ndarray) -> None:
+        self.current, self._fresh = action, True
+
+    def take(self) -> tuple[np.ndarray, bool]:
+        """(action to apply at this tick, whether it was fresh)."""
+        fresh, self._fresh = self._fresh, False
+        if not fresh:
+            self.misses += 1
+        return self.current, fresh
+
+
+def _positive(value: int) -> int:
+    if int(value) < 1:
+        raise SimConfigError(f"max_episode_steps must be >= 1, got {value}")
+    return int(value)
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,168 @@
+"""Closed-loop evaluation through ROS: the real policy node and the sim node, over real DDS.
+
+Starts `cfgrl` (policy_node, trigger=image, use_sim_time) and `cfgrl_sim` (sim_node, lockstep) as
+processes, then for each w: sets w on the policy node through its parameter service, and runs
+`episodes` episodes per task, choosing each episode's task and seed through the sim node's
+parameters and starting it with its `reset` service. Results come back on episode/result. The
+episode seeds are the direct evaluator's (training/evaluate.py), so both evaluate the same episodes;
+the policy's action noise is drawn by the node (seeded once), so per-episode outcomes can differ
+while success rates agree within sampling noise (tests/test_ros_evaluate.py checks that).
+
+    python -m training.ros_evaluate --policy ckpt.safetensors --env visual-cube-single-v0 \\
+        --w 1 3 --tasks 1 2 3 4 5 --episodes 5 --out runs/ros_eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.parameter_client import AsyncParameterClient
+from std_msgs.msg import String
+from std_srvs.srv import Trigger
+from tqdm import tqdm
+
+from cfgrl_ros.nodes import bridge
+from cfgrl_ros.nodes.processes import POLICY_MODULE, SIM_MODULE, NodeProcess
+
+SIM_NODE, POLICY_NODE = "cfgrl_sim", "cfgrl"
+
+
+class EvaluationError(RuntimeError):
+    """The nodes did not come up, refused a parameter, or an episode did not finish in time."""
+
+
+class SimSession:
+    """A client node that drives the sim node and the policy node through their ROS interfaces."""
+
+    def __init__(self, name: str = "cfgrl_ros_evaluate"):
+        self.node = Node(name)
+        self.executor = SingleThreadedExecutor()
+        self.executor.add_node(self.node)
+        self.results: list[dict] = []
+        self.node.create_subscription(String, bridge.RESULT_TOPIC, self._on_result, bridge.EVENTS_QOS)
+        self.reset_client = self.node.create_client(Trigger, "reset")
+        self.sim_params = AsyncParameterClient(self.node, SIM_NODE)
+        self.policy_params = AsyncParameterClient(self.node, POLICY_NODE)
+
+    def _on_result(self, message: String) -> None:
+        self.results.append(json.loads(message.data))
+
+    def spin_until(self, condition, timeout_s: float, what: str, processes: tuple[NodeProcess, ...] = ()) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            for process in processes:
+                process.check_alive()
+            if time.monotonic() > deadline:
+                raise EvaluationError(f"timed out after {timeout_s:g} s waiting for {what}")
+            self.executor.spin_once(timeout_sec=0.05)
+
+    def wait_ready(self, timeout_s: float, processes: tuple[NodeProcess, ...] = ()) -> None:
+        """Both nodes up: the sim's reset service, both parameter services, an active policy."""
+        self.spin_until(self.reset_client.service_is_ready, timeout_s, "the sim node's reset service", processes)
+        self.spin_until(lambda: self.sim_params.services_are_ready() and self.policy_params.services_are_ready(),
+                        timeout_s, "the parameter services of cfgrl_sim and cfgrl", processes)
+        # The policy subscribes to the camera only once active (configured, policy loaded).
+        self.spin_until(lambda: self.node.count_subscribers(bridge.CAMERA_TOPIC) > 0
+                        and self.node.count_publishers(bridge.ACTION_TOPIC) > 0,
+                        timeout_s, "an active policy node on camera/image -> action", processes)
+
+    def set_parameters(self, client: AsyncParameterClient, node_name: str, values: dict, timeout_s: float = 10.0) -> None:
+        future = client.set_parameters([Parameter(name, value=value) for name, value in values.items()])
+        self.spin_until(future.done, timeout_s, f"{node_name} to set {values}")
+        refused = [f"{name}: {r.reason}" for name, r in zip(values, future.result().results) if not r.successful]
+        if refused:
+            raise EvaluationError(f"{node_name} refused {refused}")
+
+    def set_w(self, w: float) -> None:
+        self.set_parameters(self.policy_params, POLICY_NODE, {"w": float(w)})
+
+    def run_episode(self, task_id: int, seed: int, timeout_s: float,
+                    processes: tuple[NodeProcess, ...] = ()) -> dict:
+        """One episode on the sim; returns its episode/result."""
+        self.set_parameters(self.sim_params, SIM_NODE, {"task_id": int(task_id), "seed": int(seed)})
+        future = self.reset_client.call_async(Trigger.Request())
+        self.spin_until(future.done, timeout_s, f"the sim to reset (task {task_id}, seed {seed})", processes)
+        response = future.result()
+        if not response.success:
+            raise EvaluationError(f"reset refused: {response.message}")
+        episode = json.loads(response.message)["episode"]
+        self.spin_until(lambda: any(r["episode"] == episode for r in self.results), timeout_s,
+                        f"the end of episode {episode} (task {task_id}, seed {seed})", processes)
+        return next(r for r in self.results if r["episode"] == episode)
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self.node.destroy_node()
+
+
+def policy_parameters(policy: str, seed: int, flow_steps: int, cpu_threads: int = 1) -> dict:
+    """Policy node settings for lockstep: one action per frame, on sim time, never a stale stop."""
+    return {"policy": policy, "backend": "torch", "trigger": "image", "control_rate_hz": 1000.0,
+            "use_sim_time": True, "stale_action": "none", "max_image_age_s": 3600.0, "seed": seed,
+            "flow_steps": flow_steps, "cpu_threads": cpu_threads}
+
+
+def sim_parameters(env_name: str, max_episode_steps: int | None, shadow_size: int = 0) -> dict:
+    return {"env_name": env_name, "clock": "lockstep", "autostart": False,
+            "max_episode_steps": int(max_episode_steps or 0), "shadow_size": shadow_size}
+
+
+def start_nodes(policy: str, env_name: str, log_dir: Path, *, seed: int = 0, flow_steps: int = 16,
+                max_episode_steps: int | None = None, shadow_size: int = 0,
+                env: dict | None = None) -> tuple[NodeProcess, NodeProcess]:
+    env = dict(os.environ if env is None else env)
+    env.setdefault("MUJOCO_GL", "egl")
+    sim = NodeProcess(SIM_MODULE, sim_parameters(env_name, max_episode_steps, shadow_size), log_dir / "sim.log", env)
+    policy_node = NodeProcess(POLICY_MODULE, policy_parameters(policy, seed, flow_steps), log_dir / "policy.log", env)
+    return sim, policy_node
+
+
+def episode_seeds(seed: int, task_id: int, episodes: int) -> list[int]:
+    """Per-episode env seeds, the same as the direct evaluator's."""
+    from training.evaluate import episode_seeds as direct_episode_seeds
+
+    return list(direct_episode_seeds(seed, task_id, episodes))
+
+
+def evaluate_through_ros(policy: str, env_name: str, w_values: list[float], tasks: list[int], episodes: int,
+                         *, seed: int = 0, flow_steps: int = 16, max_episode_steps: int | None = None,
+                         shadow_size: int = 0, episode_timeout_s: float = 600.0, startup_timeout_s: float = 180.0,
+                         log_dir: str | os.PathLike | None = None, env: dict | None = None) -> dict:
+    """Success per w and task, through the real nodes. Returns {w: {task_id: [result dicts]}}."""
+    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="cfgrl_ros_eval_"))
+    processes = start_nodes(policy, env_name, log_dir, seed=seed, flow_steps=flow_steps,
+                            max_episode_steps=max_episode_steps, shadow_size=shadow_size, env=env)
+    own_context = not rclpy.ok()
+    if own_context:
+        rclpy.init()
+    session = SimSession()
+    try:
+        session.wait_ready(startup_timeout_s, processes)
+        results: dict = {}
+        total = len(w_values) * len(tasks) * episodes
+        with tqdm(total=total, desc="ROS episodes", unit="ep") as bar:
+            for w in w_values:
+                session.set_w(w)
+                for task_id in tasks:
+                    for episode_seed in episode_seeds(seed, task_id, episodes):
+                        result = session.run_episode(task_id, episode_seed, episode_timeout_s, processes)
+                        if result["w_values"] != [round(float(w), 6)]:
+                            raise EvaluationError(f"episode ran with w {result['w_values']}, expected [{w}]")
+                        results.setdefault(w, {}).setdefault(task_id, []).append(result)
+                        bar.update()
+        return results
+    finally:
+        session.close()
+        if own_context:
+            rclpy.try_shutdown()
+        for process in processes:
+            process.stop()
