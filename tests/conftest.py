@@ -21,7 +21,9 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Each test claims a domain with an exclusive lock file, so concurrent pytest runs on one machine
 # (CI, several developers) never share a DDS domain. The lock dies with its process.
-TEST_DOMAIN_IDS = range(100, 201)
+# 60-101: above the ids people use by hand, and below 102, where DDS ports (7400 + 250 * id + ...)
+# start to overlap Linux's ephemeral port range.
+TEST_DOMAIN_IDS = range(60, 102)
 _DOMAIN_LOCK_DIR = Path(tempfile.gettempdir()) / "cfgrl_ros_test_domains"
 _domain_claims = itertools.count()
 
