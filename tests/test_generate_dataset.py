@@ -1,0 +1,225 @@
+"""Dataset generation: a tiny real run (OGBench oracles, EGL rendering), its loading, resuming and checks.
+
+One reference run (visual-cube-single play, 2 train + 1 val episodes of 10 steps, one episode per
+shard, shadow map 256 to keep llvmpipe fast) is shared by the tests; everything else is compared to it.
+"""
+
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training import generate_dataset as gen
+from training.oracle_goals import OracleGoalError, oracle_goal_dim, oracle_goals
+
+pytestmark = pytest.mark.filterwarnings('ignore:.*precision lowered by casting:UserWarning')  # gymnasium's Box
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY = gen.GenerationConfig(
+    env='cube-single', variant='play', num_episodes=2, num_val_episodes=1, episode_length=10, shadow_size=256,
+    shard_episodes=1,
+)
+
+
+@pytest.fixture(scope='session')
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted one-worker run; shards kept so tests can damage copies of them."""
+    out_dir = tmp_path_factory.mktemp('reference')
+    gen.generate(TINY, out_dir, workers=1, keep_shards=True, preview=out_dir / 'preview.png')
+    return out_dir
+
+
+def paths(cfg: gen.GenerationConfig, out_dir: Path) -> tuple[Path, Path, Path, Path]:
+    return gen.output_paths(cfg, out_dir)
+
+
+def test_output_loads_through_ogbench_and_the_project_loader(reference, tmp_path):
+    import ogbench
+
+    train_path, val_path, _, record_path = paths(TINY, reference)
+    assert train_path.name == 'visual-cube-single-play-v0.npz' and val_path.name == 'visual-cube-single-play-v0-val.npz'
+    for path, episodes in ((train_path, 2), (val_path, 1)):
+        rows = episodes * TINY.episode_length
+        data = ogbench.load_dataset(str(path), compact_dataset=True)
+        assert data['observations'].shape == (rows, 64, 64, 3)
+        assert data['actions'].shape == (rows, 5) and np.abs(data['actions']).max() <= 1
+        assert data['valids'].sum() == rows - episodes  # each episode's last row has no next state
+        with np.load(path) as raw:
+            assert raw['observations'].dtype == np.uint8 and raw['terminals'].dtype == bool
+            assert raw['qpos'].shape == (rows, 21) and raw['qvel'].shape == (rows, 20)
+            assert np.flatnonzero(raw['terminals']).tolist() == list(range(9, rows, 10))
+            np.testing.assert_allclose(raw['oracle_reps'], oracle_goals('cube-single', raw['qpos']), atol=1e-5)
+            assert raw['observations'].std() > 10  # real frames, not blanks
+    assert (reference / 'preview.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert '"transitions_produced": 30' in record_path.read_text()
+
+    data_module = pytest.importorskip('training.data', reason='training/data.py (the project loader) is not present')
+    train, val = data_module.load_dataset_pair(train_path, env_name='cube-single', cache_dir=tmp_path)
+    assert len(train) == 20 and len(val) == 10
+    assert train.goal_vectors().shape == (20, oracle_goal_dim('cube-single'))
+    with np.load(train_path) as raw:
+        np.testing.assert_array_equal(np.asarray(train.observations), raw['observations'])
+
+
+def test_killed_parallel_run_resumes_to_identical_bytes(reference, tmp_path):
+    """Kill a 2-worker CLI run after its first shard, resume in-process: same bytes as one worker, no kill."""
+    train_path, val_path, shard_dir, _ = paths(TINY, tmp_path)
+    cmd = [
+        sys.executable, '-m', 'training.generate_dataset', '--env', 'cube-single', '--num-episodes', '2',
+        '--num-val-episodes', '1', '--episode-length', '10', '--shadow-size', '256', '--shard-episodes', '1',
+        '--workers', '2', '--out-dir', str(tmp_path),
+    ]
+    log_path = tmp_path / 'cli.log'
+    with open(log_path, 'wb') as log:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, start_new_session=True, stdout=log, stderr=log)
+    try:
+        deadline = time.time() + 90
+        while not list(shard_dir.glob('shard-*.npz')) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its spawned workers
+        proc.wait()
+    done = sorted(p.name for p in shard_dir.glob('shard-*.npz'))
+    assert done and not train_path.exists(), f'not interrupted mid-run: {done}\n{log_path.read_text()}'
+
+    gen.generate(TINY, tmp_path, workers=1)
+    ref_train, ref_val, _, _ = paths(TINY, reference)
+    assert train_path.read_bytes() == ref_train.read_bytes()
+    assert val_path.read_bytes() == ref_val.read_bytes()
+    assert not shard_dir.exists()
+
+
+def test_corrupt_shard_is_detected_named_and_regenerated(reference, tmp_path):
+    _, _, ref_shards, _ = paths(TINY, reference)
+    train_path, _, shard_dir, _ = paths(TINY, tmp_path)
+    shutil.copytree(ref_shards, shard_dir)
+    shards = gen.plan_shards(TINY)
+    victim = shard_dir / shards[1].filename
+    victim.write_bytes(victim.read_bytes()[:-500])  # truncated, as by a full disk
+
+    with pytest.raises(gen.CorruptShardError, match=shards[1].filename):
+        gen.load_shard(victim, TINY, shards[1])
+    with pytest.raises(gen.CorruptShardError, match=shards[1].filename):
+        gen.merge_shards(TINY, shards[:2], shard_dir, tmp_path / 'merged.npz')
+
+    with pytest.warns(UserWarning, match=f'{shards[1].filename}.*producing it again'):
+        gen.generate(TINY, tmp_path, workers=1)
+    assert train_path.read_bytes() == paths(TINY, reference)[0].read_bytes()
+
+
+def test_validation_rejects_damaged_or_mismatched_files(reference, tmp_path):
+    train_path = paths(TINY, reference)[0]
+    gen.validate_dataset(train_path, TINY, num_episodes=2)
+    with pytest.raises(gen.DatasetValidationError, match='observations'):
+        gen.validate_dataset(train_path, TINY, num_episodes=3)
+    with pytest.raises(gen.DatasetValidationError, match='episode_length|every 5-th'):
+        gen.validate_dataset(train_path, dataclasses.replace(TINY, episode_length=5), num_episodes=4)
+    truncated = tmp_path / 'truncated.npz'
+    truncated.write_bytes(train_path.read_bytes()[:-2000])
+    with pytest.raises(gen.DatasetValidationError, match='truncated'):
+        gen.validate_dataset(truncated, TINY, num_episodes=2)
+
+
+def test_resume_refuses_a_shard_dir_made_with_other_settings(reference, tmp_path):
+    shutil.copytree(paths(TINY, reference)[2], paths(TINY, tmp_path)[2])
+    other_seed = dataclasses.replace(TINY, seed=1)
+    with pytest.raises(gen.GenerationError, match='other settings.*seed'):
+        gen.generate(other_seed, tmp_path, workers=1)
+
+
+def test_replay_rendering_reproduces_env_frames(reference):
+    """Physics-only rollout + re-rendering from recorded states: bit-identical with one frame per readback."""
+    with np.load(paths(TINY, reference)[0]) as raw:
+        env_frames = raw['observations'][:10]
+        env_qpos = raw['qpos'][:10]
+    for tiles, max_mean_diff in ((1, 0.0), (4, 0.5)):
+        cfg = dataclasses.replace(TINY, render_mode='replay', render_tiles=tiles)
+        collector = gen.ShardCollector(cfg)
+        arrays, _ = collector.collect(gen.plan_shards(cfg)[0], report=lambda n: None)
+        collector.renderer.close()
+        np.testing.assert_array_equal(arrays['qpos'], env_qpos)
+        diff = np.abs(arrays['observations'].astype(int) - env_frames.astype(int))
+        assert diff.mean() <= max_mean_diff, (tiles, diff.mean(), diff.max())
+
+
+def _random_states(env_id: str, steps: int = 25):
+    """Live states of a state-based env: (qpos rows, button rows or None, env's own oracle observations)."""
+    import gymnasium
+
+    import ogbench.manipspace  # noqa: F401
+
+    env = gymnasium.make(env_id, terminate_at_goal=False, mode='data_collection', disable_env_checker=True)
+    env.reset(seed=3)
+    env.action_space.seed(3)
+    unwrapped = env.unwrapped
+    qpos, buttons, expected = [], [], []
+    for step in range(steps):
+        env.step(env.action_space.sample())
+        if step % 8 == 0:
+            unwrapped.set_new_target(return_info=False)
+        qpos.append(unwrapped.data.qpos.copy())
+        buttons.append(getattr(unwrapped, '_cur_button_states', np.zeros(0)).copy())
+        expected.append(unwrapped.compute_oracle_observation())
+    buttons = np.array(buttons) if buttons[0].size else None
+    return np.array(qpos), buttons, np.array(expected)
+
+
+@pytest.mark.parametrize('env_id', ['cube-single-v0', 'cube-double-v0', 'scene-v0', 'puzzle-3x3-v0'])
+def test_oracle_goals_match_the_env(env_id):
+    qpos, buttons, expected = _random_states(env_id)
+    goals = oracle_goals(env_id, qpos, buttons)
+    assert goals.dtype == np.float32 and goals.shape == expected.shape == (len(qpos), oracle_goal_dim(env_id))
+    np.testing.assert_allclose(goals, expected, rtol=0, atol=1e-5)
+
+
+def test_oracle_goals_reject_bad_input():
+    with pytest.raises(OracleGoalError, match='not an OGBench manipulation env'):
+        oracle_goals('antmaze-large-navigate-v0', np.zeros((1, 15)))
+    with pytest.raises(OracleGoalError, match='21 entries'):
+        oracle_goals('visual-cube-single-play-v0', np.zeros((4, 28)))
+    with pytest.raises(OracleGoalError, match='pass button_states'):
+        oracle_goals('scene', np.zeros((4, 25)))
+    with pytest.raises(OracleGoalError, match=r'\(4, 9\)'):
+        oracle_goals('puzzle-3x3-oraclerep', np.zeros((4, 23)), np.zeros((4, 2)))
+
+
+def test_config_and_shard_plan():
+    with pytest.raises(gen.GenerationError, match='unknown env'):
+        gen.GenerationConfig(env='cube-triple', variant='play')
+    with pytest.raises(gen.GenerationError, match='unknown variant'):
+        gen.GenerationConfig(env='scene', variant='expert')
+    cfg = gen.GenerationConfig(env='scene', variant='noisy', num_episodes=25, num_val_episodes=2, shard_episodes=10)
+    plan = gen.plan_shards(cfg)
+    assert [(s.index, s.split, s.num_episodes) for s in plan] == [
+        (0, 'train', 10), (1, 'train', 10), (2, 'train', 5), (3, 'val', 2)
+    ]
+    # A shard's seeds depend only on (seed, shard index).
+    assert gen.shard_seeds(0, 2)[:2] == gen.shard_seeds(0, 2)[:2] != gen.shard_seeds(0, 3)[:2]
+    assert gen.parse_args(['--env', 'scene']).num_val_episodes is None  # main() uses num_episodes // 10
+    assert list(gen.dataset_schema(cfg)) == [
+        'observations', 'actions', 'terminals', 'qpos', 'qvel', 'button_states', 'oracle_reps'
+    ]
+
+
+def test_streamed_npz_matches_numpy(tmp_path):
+    arrays = {'a': np.arange(12, dtype=np.float32).reshape(6, 2), 'b': np.array([True, False, True])}
+    entries = {
+        key: (value.shape, value.dtype, lambda value=value: (value[:2], value[2:])) for key, value in arrays.items()
+    }
+    path = tmp_path / 'x.npz'
+    gen.write_npz_streaming(path, entries)
+    with np.load(path) as loaded:
+        for key, value in arrays.items():
+            np.testing.assert_array_equal(loaded[key], value)
+    with zipfile.ZipFile(path) as archive:
+        assert all(info.date_time == gen.ZIP_DATE for info in archive.infolist())
+    bad = {'a': ((7, 2), np.dtype(np.float32), lambda: (arrays['a'],))}
+    with pytest.raises(gen.GenerationError, match='wrote 6 rows'):
+        gen.write_npz_streaming(tmp_path / 'y.npz', bad)
