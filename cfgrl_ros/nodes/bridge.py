@@ -8,6 +8,7 @@ reliable transient-local, and publishes actions reliable keep-last-1. Our publis
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 from builtin_interfaces.msg import Time
@@ -57,3 +58,29 @@ def stamp_from_ns(nanoseconds: int) -> Time:
 
 def stamp_to_ns(stamp: Time) -> int:
     return stamp.sec * 1_000_000_000 + stamp.nanosec
+
+
+def goal_links_ready(node, goal_publishers) -> bool:
+    """True when every node subscribed to the camera also has a goal subscription matched to ours.
+
+    A goal published before that match reaches the policy after the first frame, which the policy
+    then drops (no goal yet): publishers wait for this before the first frame of an episode.
+    """
+    def subscribers(topic: str) -> list:
+        return node.get_subscriptions_info_by_topic(node.resolve_topic_name(topic))
+
+    camera_nodes = {(i.node_namespace, i.node_name) for i in subscribers(CAMERA_TOPIC)}
+    goal_infos = subscribers(GOAL_IMAGE_TOPIC) + subscribers(GOAL_VECTOR_TOPIC)
+    goal_nodes = {(i.node_namespace, i.node_name) for i in goal_infos}
+    matched = sum(publisher.get_subscription_count() for publisher in goal_publishers)
+    return camera_nodes <= goal_nodes and matched >= len(goal_infos)
+
+
+def wait_for_goal_links(node, goal_publishers, timeout_s: float) -> bool:
+    """Poll `goal_links_ready` (discovery runs on DDS threads, no spinning needed) up to timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not goal_links_ready(node, goal_publishers):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

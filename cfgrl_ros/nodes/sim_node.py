@@ -119,10 +119,13 @@ class SimNode(Node):
         self._reset_counters()
         start = self.episode.start
         stamp = self._now_stamp()
+        goal_publishers = (self.goal_image_pub, self.goal_vector_pub)
+        if not bridge.wait_for_goal_links(self, goal_publishers, timeout_s=5.0):
+            self.get_logger().warning("a camera subscriber has no matched goal subscription yet; publishing anyway")
         self.goal_image_pub.publish(bridge.rgb_image(start.goal_image, stamp, self.frame_id))
         self.goal_vector_pub.publish(bridge.vector_message(start.goal_vector))
         # Let the goals reach their subscribers before the first frame asks for an action.
-        for publisher in (self.goal_image_pub, self.goal_vector_pub):
+        for publisher in goal_publishers:
             publisher.wait_for_all_acked(Duration(seconds=2.0))
         self.get_logger().info(f"episode {self.episode_index}: task {task_id}, seed {seed}")
         self._publish_clock()  # use_sim_time nodes need a clock before the first frame

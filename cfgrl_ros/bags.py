@@ -1,0 +1,146 @@
+"""rosbag2 recordings (mcap storage) without a ROS install, through the `rosbags` library.
+
+A bag is a rosbag2 directory (metadata.yaml + one .mcap file), as `ros2 bag record -s mcap` writes:
+any ROS 2 install plays it, and `read_bag` reads bags from ROS 2 too. Messages go in as CDR bytes
+(what an rclpy raw subscription delivers, byte-identical to rclpy's own serialization) and come out
+as rosbags message objects with the ROS field names. cfgrl_ros/msg/PolicyAction is registered from
+its .msg file so that bags holding actions read back without the generated message package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+from rosbags.typesys import Stores, get_typestore, get_types_from_msg
+from rosbags.typesys.store import Typestore
+
+POLICY_ACTION_TYPE = "cfgrl_ros/msg/PolicyAction"
+IMAGE_TYPE = "sensor_msgs/msg/Image"
+VECTOR_TYPE = "std_msgs/msg/Float32MultiArray"
+STRING_TYPE = "std_msgs/msg/String"
+
+
+class BagError(ValueError):
+    """A bag that cannot be read or written: missing, not rosbag2, or holding unexpected types."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BagMessage:
+    topic: str
+    msgtype: str
+    timestamp_ns: int  # receive (record) time
+    message: object  # a rosbags message object
+
+
+def policy_action_msgdef() -> str:
+    """The text of PolicyAction.msg, from the source tree or the installed share/cfgrl_ros/msg."""
+    candidates = [Path(__file__).resolve().parents[1] / "msg" / "PolicyAction.msg",
+                  Path(sys.prefix) / "share" / "cfgrl_ros" / "msg" / "PolicyAction.msg"]
+    candidates += [Path(prefix) / "share" / "cfgrl_ros" / "msg" / "PolicyAction.msg"
+                   for prefix in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep) if prefix]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.read_text()
+    raise BagError(f"PolicyAction.msg not found in {[str(c) for c in candidates]}")
+
+
+@functools.cache
+def typestore() -> Typestore:
+    """ROS 2 Kilted's standard types plus cfgrl_ros/msg/PolicyAction."""
+    store = get_typestore(Stores.ROS2_KILTED)
+    store.register(get_types_from_msg(policy_action_msgdef(), POLICY_ACTION_TYPE))
+    return store
+
+
+class BagWriter:
+    """Write CDR messages to a new rosbag2 mcap bag; one connection per topic, created on first use."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if self.path.exists():
+            raise BagError(f"{self.path} exists; rosbag2 bags are never overwritten, choose a new path")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = Writer(self.path, version=9, storage_plugin=StoragePlugin.MCAP)
+        self._writer.open()
+        self._connections: dict[str, object] = {}
+        self.counts: dict[str, int] = {}
+
+    def write_cdr(self, topic: str, msgtype: str, timestamp_ns: int, data: bytes) -> None:
+        connection = self._connections.get(topic)
+        if connection is None:
+            connection = self._writer.add_connection(topic, msgtype, typestore=typestore())
+            self._connections[topic] = connection
+        elif connection.msgtype != msgtype:
+            raise BagError(f"{topic} is recorded as {connection.msgtype}, cannot add a {msgtype}")
+        self._writer.write(connection, int(timestamp_ns), bytes(data))
+        self.counts[topic] = self.counts.get(topic, 0) + 1
+
+    def write(self, topic: str, msgtype: str, timestamp_ns: int, message: object) -> None:
+        """Write a rosbags message object (e.g. from `image_message`)."""
+        self.write_cdr(topic, msgtype, timestamp_ns, typestore().serialize_cdr(message, msgtype))
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def __enter__(self) -> "BagWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def same_topic(name: str) -> str:
+    """Topic names compared without the leading slash: 'camera/image' matches a bag's '/camera/image'."""
+    return name.lstrip("/")
+
+
+def read_bag(path: str | os.PathLike, topics: Iterable[str] | None = None) -> Iterator[BagMessage]:
+    """Messages of the given topics (all when None) in record-time order."""
+    path = Path(path)
+    if not (path / "metadata.yaml").is_file():
+        raise BagError(f"{path} is not a rosbag2 bag directory (no metadata.yaml)")
+    store = typestore()
+    with Reader(path) as reader:
+        wanted = None if topics is None else {same_topic(topic) for topic in topics}
+        connections = [c for c in reader.connections if wanted is None or same_topic(c.topic) in wanted]
+        for connection, timestamp, data in reader.messages(connections=connections):
+            yield BagMessage(connection.topic, connection.msgtype, timestamp,
+                             store.deserialize_cdr(data, connection.msgtype))
+
+
+def bag_topics(path: str | os.PathLike) -> dict[str, tuple[str, int]]:
+    """topic -> (msgtype, message count)."""
+    with Reader(Path(path)) as reader:
+        return {topic: (info.msgtype, info.msgcount) for topic, info in reader.topics.items()}
+
+
+def stamp_ns(stamp) -> int:
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def make_stamp(nanoseconds: int):
+    return typestore().types["builtin_interfaces/msg/Time"](sec=nanoseconds // 1_000_000_000,
+                                                            nanosec=nanoseconds % 1_000_000_000)
+
+
+def image_message(pixels: np.ndarray, stamp_nanoseconds: int, frame_id: str = "camera"):
+    """(H, W, 3) uint8 -> a rosbags sensor_msgs/msg/Image (rgb8)."""
+    types = typestore().types
+    header = types["std_msgs/msg/Header"](stamp=make_stamp(stamp_nanoseconds), frame_id=frame_id)
+    height, width = pixels.shape[:2]
+    return types[IMAGE_TYPE](header=header, height=height, width=width, encoding="rgb8", is_bigendian=0,
+                             step=width * 3, data=np.ascontiguousarray(pixels, dtype=np.uint8).reshape(-1))
+
+
+def vector_message(values: np.ndarray):
+    types = typestore().types
+    dim = types["std_msgs/msg/MultiArrayDimension"](label="goal", size=len(values), stride=len(values))
+    layout = types["std_msgs/msg/MultiArrayLayout"](dim=[dim], data_offset=0)
+    return types[VECTOR_TYPE](layout=layout, data=np.asarray(values, dtype=np.float32))

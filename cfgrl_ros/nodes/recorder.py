@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""cfgrl_recorder: writes the policy node's inputs and outputs to a rosbag2 mcap bag.
+
+Raw (CDR) subscriptions, so messages are stored exactly as they travelled, stamped with their
+receive time, like `ros2 bag record`. The camera is subscribed reliable (our sim and replay nodes
+publish reliable; a best-effort camera driver would need a best-effort recorder).
+
+Run: python -m cfgrl_ros.nodes.recorder --out run1_bag  (Ctrl-C ends the recording)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import rclpy
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import Image
+from std_msgs.msg import Float32MultiArray, String
+
+from cfgrl_ros import bags
+from cfgrl_ros.msg import PolicyAction
+from cfgrl_ros.nodes import bridge
+
+DEEP_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
+# topic -> (rclpy type, bag type name, QoS)
+RECORDED_TOPICS = {
+    bridge.CAMERA_TOPIC: (Image, bags.IMAGE_TYPE, DEEP_QOS),
+    bridge.GOAL_IMAGE_TOPIC: (Image, bags.IMAGE_TYPE, bridge.LATCHED_QOS),
+    bridge.GOAL_VECTOR_TOPIC: (Float32MultiArray, bags.VECTOR_TYPE, bridge.LATCHED_QOS),
+    bridge.ACTION_TOPIC: (PolicyAction, bags.POLICY_ACTION_TYPE, DEEP_QOS),
+    bridge.RESULT_TOPIC: (String, bags.STRING_TYPE, bridge.EVENTS_QOS),
+}
+
+
+class TopicRecorder(Node):
+    def __init__(self, bag_path: str, topics: dict = RECORDED_TOPICS, name: str = "cfgrl_recorder"):
+        super().__init__(name)
+        self.writer = bags.BagWriter(bag_path)
+        for topic, (msg_class, type_name, qos) in topics.items():
+            self.create_subscription(msg_class, topic, self._writer_for(topic, type_name), qos, raw=True)
+        self.get_logger().info(f"recording {', '.join(topics)} to {bag_path}")
+
+    def _writer_for(self, topic: str, type_name: str):
+        resolved = self.resolve_topic_name(topic)  # absolute, as `ros2 bag record` stores it
+
+        def write(data: bytes) -> None:
+            self.writer.write_cdr(resolved, type_name, self.get_clock().now().nanoseconds, data)
+        return write
+
+    def close(self) -> None:
+        self.writer.close()
+        self.get_logger().info(f"bag closed: {self.writer.counts}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--out", required=True, help="new rosbag2 directory to create")
+    args, ros_args = parser.parse_known_args(argv)
+    rclpy.init(args=[sys.argv[0], *ros_args])
+    recorder = TopicRecorder(args.out)
+    try:
+        rclpy.spin(recorder)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        recorder.close()
+        recorder.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Open-loop replay sources and the action comparison, without ROS (the replay node plays them).
+
+A replay is a list of `ReplayFrame`s: the camera image, when to show it, the action recorded with it
+(if any) and, on the first frame of each goal, the goal to latch before it. Sources:
+- an OGBench-format dataset (.npz): episodes in order; each episode's goal is its final state (the
+  last observation as the goal image; oracle_reps, or the oracle vector computed from qpos, as the
+  goal vector); frames at a fixed rate (the env's 20 Hz control rate by default); recorded action =
+  the dataset action.
+- a rosbag2 mcap bag: camera frames at their record times; goal messages are attached to the next
+  frame (the first goal to the first frame: goals are latched, a recorder may see one a little late);
+  PolicyAction messages are matched to frames by image_stamp (the first action per frame).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from cfgrl_ros import bags
+from cfgrl_ros.image import image_to_rgb
+
+DATASET_HZ = 20.0  # OGBench manipulation control period 0.05 s
+
+
+class ReplayError(ValueError):
+    """A replay source that cannot be played: empty, or missing what was asked for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayFrame:
+    time_s: float  # playback time relative to the first frame, at the recorded rate
+    image: np.ndarray  # (H, W, 3) uint8
+    recorded_action: np.ndarray | None = None
+    goal_image: np.ndarray | None = None  # set on frames where a new goal must be latched first
+    goal_vector: np.ndarray | None = None
+
+    @property
+    def sets_goal(self) -> bool:
+        return self.goal_image is not None or self.goal_vector is not None
+
+
+def dataset_frames(path: str | os.PathLike, *, env_name: str | None = None, episodes: list[int] | None = None,
+                   max_frames: int | None = None, hz: float = DATASET_HZ,
+                   cache_dir: str | os.PathLike | None = None) -> list[ReplayFrame]:
+    """Frames of the chosen episodes (all by default) of an OGBench-format dataset."""
+    from training.data import load_dataset  # the one loader of OGBench files (memmapped observations)
+
+    dataset = load_dataset(path, env_name=env_name, cache_dir=cache_dir)
+    ends = np.flatnonzero(dataset.valids == 0)  # each episode's last row
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    chosen = range(len(ends)) if episodes is None else episodes
+    frames: list[ReplayFrame] = []
+    for episode in chosen:
+        if not 0 <= episode < len(ends):
+            raise ReplayError(f"{path} has {len(ends)} episodes; episode {episode} does not exist")
+        goal_vector = _episode_goal_vector(dataset, ends[episode])
+        for row in range(starts[episode], ends[episode] + 1):
+            first = row == starts[episode]
+            frames.append(ReplayFrame(
+                time_s=len(frames) / hz, image=np.asarray(dataset.observations[row]),
+                recorded_action=dataset.actions[row].copy(),
+                goal_image=np.asarray(dataset.observations[ends[episode]]) if first else None,
+                goal_vector=goal_vector if first else None))
+            if max_frames is not None and len(frames) >= max_frames:
+                return frames
+    if not frames:
+        raise ReplayError(f"{path}: no frames to replay")
+    return frames
+
+
+def _episode_goal_vector(dataset, end: int) -> np.ndarray | None:
+    if dataset.oracle_reps is not None:
+        return dataset.oracle_reps[end].copy()
+    if dataset.env_name is None or dataset.qpos is None:
+        return None  # image goals only
+    from training.oracle_goals import oracle_goals
+
+    buttons = None if dataset.button_states is None else dataset.button_states[end : end + 1]
+    return oracle_goals(dataset.env_name, dataset.qpos[end : end + 1], buttons)[0]
+
+
+def bag_frames(path: str | os.PathLike, *, camera_topic: str = "camera/image", goal_image_topic: str = "goal/image",
+               goal_vector_topic: str = "goal/vector", action_topic: str = "action",
+               max_frames: int | None = None) -> list[ReplayFrame]:
+    """Frames of a rosbag2 bag, with goals and the recorded actions matched to them."""
+    camera_topic, goal_image_topic, goal_vector_topic, action_topic = topics = tuple(
+        bags.same_topic(t) for t in (camera_topic, goal_image_topic, goal_vector_topic, action_topic))
+    images, times, stamps, goals_before = [], [], [], []
+    pending_goal: dict[str, np.ndarray] = {}
+    actions_by_stamp: dict[int, np.ndarray] = {}
+    for item in bags.read_bag(path, topics):
+        topic = bags.same_topic(item.topic)
+        if topic == camera_topic:
+            if stamps and bags.stamp_ns(item.message.header.stamp) in stamps[-3:]:
+                continue  # the same frame shown again (a lockstep resend): one frame, one action
+            images.append(image_to_rgb(item.message).copy())
+            times.append(item.timestamp_ns)
+            stamps.append(bags.stamp_ns(item.message.header.stamp))
+            goals_before.append(pending_goal)
+            pending_goal = {}
+        elif topic == goal_image_topic:
+            pending_goal = {**pending_goal, "goal_image": image_to_rgb(item.message).copy()}
+        elif topic == goal_vector_topic:
+            pending_goal = {**pending_goal, "goal_vector": np.asarray(item.message.data, dtype=np.float32).copy()}
+        else:
+            actions_by_stamp.setdefault(bags.stamp_ns(item.message.image_stamp),
+                                        np.asarray(item.message.action, dtype=np.float32).copy())
+    if not images:
+        raise ReplayError(f"{path} has no messages on {camera_topic} (topics: {sorted(bags.bag_topics(path))})")
+    first_goal = next((i for i, goal in enumerate(goals_before) if goal), None)
+    if first_goal:  # goals are latched: one recorded just after the first frames held for them too
+        goals_before[0], goals_before[first_goal] = goals_before[first_goal], {}
+    frames = [ReplayFrame(time_s=(t - times[0]) * 1e-9, image=image, recorded_action=actions_by_stamp.get(stamp),
+                          **goal) for image, t, stamp, goal in zip(images, times, stamps, goals_before)]
+    return frames[:max_frames]
+
+
+def compare_actions(recorded: np.ndarray, replayed: np.ndarray) -> dict:
+    """Error statistics of replayed vs recorded actions, both (N, A) over the same frames."""
+    recorded, replayed = np.asarray(recorded, np.float64), np.asarray(replayed, np.float64)
+    if recorded.shape != replayed.shape or recorded.ndim != 2 or len(recorded) == 0:
+        raise ReplayError(f"need two equal (N, A) arrays with N > 0, got {recorded.shape} and {replayed.shape}")
+    error = replayed - recorded
+    norms = np.linalg.norm(recorded, axis=1) * np.linalg.norm(replayed, axis=1)
+    nonzero = norms > 0
+    cosine = (recorded * replayed).sum(axis=1)[nonzero] / norms[nonzero]
+    return {
+        "frames_compared": len(recorded),
+        "mse": float(np.mean(error**2)),
+        "mse_per_dim": np.mean(error**2, axis=0).tolist(),
+        "mae_per_dim": np.mean(np.abs(error), axis=0).tolist(),
+        "max_abs_error": float(np.max(np.abs(error))),
+        "cosine_mean": float(cosine.mean()) if cosine.size else math.nan,
+        "cosine_frames": int(cosine.size),
+    }
+
+
+def write_replay_report(report: dict, out_dir: str | os.PathLike) -> Path:
+    """replay_report.json (everything) and replay_report.md (a table); returns the markdown path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "replay_report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+    comparison = report.get("comparison") or {}
+    lines = [f"# Replay of {report.get('source', '?')}", "",
+             f"frames played {report.get('frames_played', 0)}, actions received {report.get('frames_with_action', 0)}, "
+             f"with a recorded action {report.get('frames_with_recorded_action', 0)}", ""]
+    if comparison:
+        dims = len(comparison["mse_per_dim"])
+        lines += ["| metric | all | " + " | ".join(f"dim {i}" for i in range(dims)) + " |",
+                  "|---|---|" + "---|" * dims,
+                  f"| MSE | {comparison['mse']:.6g} | " + " | ".join(f"{v:.6g}" for v in comparison["mse_per_dim"]) + " |",
+                  "| MAE | | " + " | ".join(f"{v:.6g}" for v in comparison["mae_per_dim"]) + " |",
+                  f"| cosine (mean) | {comparison['cosine_mean']:.6f} |" + " |" * dims,
+                  f"| max abs error | {comparison['max_abs_error']:.6g} |" + " |" * dims]
+    else:
+        lines.append("no frame has both a recorded and a replayed action: nothing to compare")
+    path = out_dir / "replay_report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

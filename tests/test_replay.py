@@ -1,0 +1,150 @@
+"""Bags and replay: mcap round trips, dataset and bag sources, the action comparison, and a bag that is
+written, replayed through the real policy node (recording a new bag), and replayed again and compared."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cfgrl_ros import bags
+from cfgrl_ros.image import image_to_rgb
+from cfgrl_ros.replay import ReplayError, bag_frames, compare_actions, dataset_frames, write_replay_report
+from training import pointreach
+
+
+def frames_and_goal(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    positions = np.random.default_rng(seed).uniform(0.1, 0.9, (count + 1, 2)).astype(np.float32)
+    return pointreach.render(positions[:count], 64), positions[count]
+
+
+def write_bag(path, images, goal_vector, actions=None, frame_period_ns=50_000_000):
+    """A bag as the recorder writes it: goal first, then frames, each action after its frame."""
+    types = bags.typestore().types
+    with bags.BagWriter(path) as writer:
+        writer.write("/goal/vector", bags.VECTOR_TYPE, 1, bags.vector_message(goal_vector))
+        for i, image in enumerate(images):
+            stamp = 10**9 + i * frame_period_ns
+            writer.write("/camera/image", bags.IMAGE_TYPE, stamp, bags.image_message(image, stamp))
+            if actions is not None:
+                header = types["std_msgs/msg/Header"](stamp=bags.make_stamp(stamp + 1000), frame_id="base_link")
+                action = types[bags.POLICY_ACTION_TYPE](header=header, image_stamp=bags.make_stamp(stamp),
+                                                        action=np.asarray(actions[i], np.float32), w=3.0,
+                                                        flow_steps=16, inference_time_ms=2.0)
+                writer.write("/action", bags.POLICY_ACTION_TYPE, stamp + 2000, action)
+
+
+# -------------------------------------------------------------------------------- without ROS
+def test_bag_round_trip_matches_actions_to_frames_by_image_stamp(tmp_path):
+    images, goal = frames_and_goal(4)
+    actions = np.random.default_rng(1).uniform(-1, 1, (4, 2)).astype(np.float32)
+    write_bag(tmp_path / "bag", images, goal, actions)
+    assert bags.bag_topics(tmp_path / "bag") == {"/goal/vector": (bags.VECTOR_TYPE, 1),
+                                                 "/camera/image": (bags.IMAGE_TYPE, 4),
+                                                 "/action": (bags.POLICY_ACTION_TYPE, 4)}
+    frames = bag_frames(tmp_path / "bag")
+    assert len(frames) == 4
+    assert all((f.image == image).all() for f, image in zip(frames, images))
+    assert [f.time_s for f in frames] == pytest.approx([0.0, 0.05, 0.1, 0.15])
+    assert np.allclose(frames[0].goal_vector, goal) and not any(f.sets_goal for f in frames[1:])
+    assert np.array_equal(np.stack([f.recorded_action for f in frames]), actions)
+    with pytest.raises(bags.BagError, match="exists"):
+        bags.BagWriter(tmp_path / "bag")
+
+
+def test_bag_without_camera_frames_is_an_error(tmp_path):
+    with bags.BagWriter(tmp_path / "bag") as writer:
+        writer.write("/goal/vector", bags.VECTOR_TYPE, 1, bags.vector_message(np.zeros(2)))
+    with pytest.raises(ReplayError, match="no messages on camera/image"):
+        bag_frames(tmp_path / "bag")
+    with pytest.raises(bags.BagError, match="not a rosbag2 bag"):
+        list(bags.read_bag(tmp_path))
+
+
+def test_dataset_frames_take_each_episode_goal_from_its_last_state(tmp_path):
+    demo = pointreach.DemoConfig(episodes=3, episode_length=5)
+    path = pointreach.write_dataset(tmp_path / "pr.npz", demo)
+    data = np.load(path)
+    frames = dataset_frames(path, episodes=[1, 2], cache_dir=tmp_path / "cache")
+    assert len(frames) == 10
+    assert [f.sets_goal for f in frames] == [True] + [False] * 4 + [True] + [False] * 4
+    assert np.array_equal(frames[0].goal_image, data["observations"][9])  # episode 1 ends on row 9
+    assert np.allclose(frames[0].goal_vector, data["oracle_reps"][9])
+    assert np.array_equal(frames[7].image, data["observations"][12])
+    assert np.allclose(frames[7].recorded_action, data["actions"][12])
+    assert frames[7].time_s == pytest.approx(7 / 20.0)
+    assert len(dataset_frames(path, max_frames=7, cache_dir=tmp_path / "cache")) == 7
+    with pytest.raises(ReplayError, match="episode 3 does not exist"):
+        dataset_frames(path, episodes=[3], cache_dir=tmp_path / "cache")
+
+
+def test_compare_actions_statistics(tmp_path):
+    recorded = np.array([[1.0, 0.0], [0.0, 1.0]])
+    replayed = np.array([[1.0, 0.0], [0.0, -1.0]])
+    comparison = compare_actions(recorded, replayed)
+    assert comparison["mse"] == pytest.approx(1.0)  # (0 + 0 + 0 + 4) / 4
+    assert comparison["mse_per_dim"] == pytest.approx([0.0, 2.0])
+    assert comparison["mae_per_dim"] == pytest.approx([0.0, 1.0])
+    assert comparison["cosine_mean"] == pytest.approx(0.0)  # +1 and -1
+    assert comparison["max_abs_error"] == pytest.approx(2.0)
+    with pytest.raises(ReplayError):
+        compare_actions(recorded, replayed[:1])
+    markdown = write_replay_report({"source": "x", "comparison": comparison}, tmp_path).read_text()
+    assert "| MSE | 1 | 0 | 2 |" in markdown
+    assert json.loads((tmp_path / "replay_report.json").read_text())["comparison"]["mse"] == 1.0
+
+
+# -------------------------------------------------------------------------------- over DDS
+@pytest.mark.requires_rclpy
+def test_bag_written_replayed_and_compared(ros_env, tmp_path):
+    """Replay a bag through the policy node recording a new bag, then replay that one through a fresh
+    node with the same seed: the same frames and noise give the same actions, so the report's error is
+    zero; a third replay (the noise generator has moved on) shows that the comparison does see changes."""
+    from cfgrl_ros.nodes.processes import POLICY_MODULE, NodeProcess
+    from test_sim_node import tiny_checkpoint  # tests/ is on sys.path under pytest
+
+    images, goal = frames_and_goal(5)
+    write_bag(tmp_path / "input_bag", images, goal)
+    checkpoint = tiny_checkpoint(tmp_path, action_dim=2, goal_dim=2)
+    parameters = {"policy": str(checkpoint), "backend": "torch", "trigger": "image", "control_rate_hz": 1000.0,
+                  "stale_action": "none", "max_image_age_s": 3600.0, "seed": 7, "w": 3.0}
+
+    def replay(source, out, record=None):
+        command = [sys.executable, "-m", "cfgrl_ros.nodes.replay_node", "--source", str(source), "--rate", "lockstep",
+                   "--out", str(out), "--policy-timeout", "120"] + (["--record", str(record)] if record else [])
+        completed = subprocess.run(command, env=ros_env, capture_output=True, text=True, timeout=240)
+        assert completed.returncode == 0, completed.stdout + completed.stderr
+        return json.loads((out / "replay_report.json").read_text())
+
+    node = NodeProcess(POLICY_MODULE, parameters, tmp_path / "policy_a.log", ros_env)
+    try:
+        first = replay(tmp_path / "input_bag", tmp_path / "first", record=tmp_path / "recorded_bag")
+    finally:
+        node.stop()
+    assert first["frames_played"] == 5 and first["frames_with_action"] == 5 and first["comparison"] is None
+    assert first["w_values"] == [3.0]
+    topics = bags.bag_topics(tmp_path / "recorded_bag")
+    assert topics["/action"] == (bags.POLICY_ACTION_TYPE, 5) and topics["/goal/vector"][1] == 1
+    assert topics["/camera/image"][1] >= 5  # a resent frame appears twice, and is read back once
+    recorded = bag_frames(tmp_path / "recorded_bag")
+    assert len(recorded) == 5 and all((f.image == image).all() for f, image in zip(recorded, images))
+
+    node = NodeProcess(POLICY_MODULE, parameters, tmp_path / "policy_b.log", ros_env)
+    try:
+        second = replay(tmp_path / "recorded_bag", tmp_path / "second")
+        third = replay(tmp_path / "recorded_bag", tmp_path / "third")
+    finally:
+        node.stop()
+    comparison = second["comparison"]
+    assert comparison["frames_compared"] == 5
+    assert comparison["mse"] == 0.0 and comparison["cosine_mean"] == pytest.approx(1.0)
+    assert third["comparison"]["frames_compared"] == 5 and third["comparison"]["mse"] > 1e-6
+    assert "| MSE | 0 |" in (tmp_path / "second" / "replay_report.md").read_text()
+
+
+def test_image_decoding_of_bag_messages_uses_the_node_decoder():
+    message = bags.image_message(np.arange(12, dtype=np.uint8).reshape(2, 2, 3), 5)
+    assert image_to_rgb(message).tolist() == np.arange(12).reshape(2, 2, 3).tolist()
