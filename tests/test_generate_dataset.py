@@ -98,20 +98,28 @@ def test_killed_parallel_run_resumes_to_identical_bytes(reference, tmp_path):
 
 def test_corrupt_shard_is_detected_named_and_regenerated(reference, tmp_path):
     _, _, ref_shards, _ = paths(TINY, reference)
-    train_path, _, shard_dir, _ = paths(TINY, tmp_path)
+    train_path, val_path, shard_dir, _ = paths(TINY, tmp_path)
     shutil.copytree(ref_shards, shard_dir)
     shards = gen.plan_shards(TINY)
-    victim = shard_dir / shards[1].filename
-    victim.write_bytes(victim.read_bytes()[:-500])  # truncated, as by a full disk
+    truncated, flipped = shard_dir / shards[1].filename, shard_dir / shards[2].filename
+    truncated.write_bytes(truncated.read_bytes()[:-500])  # as by a full disk
+    damaged = bytearray(flipped.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # inside the compressed observations
+    flipped.write_bytes(bytes(damaged))
 
-    with pytest.raises(gen.CorruptShardError, match=shards[1].filename):
-        gen.load_shard(victim, TINY, shards[1])
+    for shard, path in ((shards[1], truncated), (shards[2], flipped)):
+        with pytest.raises(gen.CorruptShardError, match=shard.filename):
+            gen.load_shard(path, TINY, shard)
     with pytest.raises(gen.CorruptShardError, match=shards[1].filename):
         gen.merge_shards(TINY, shards[:2], shard_dir, tmp_path / 'merged.npz')
 
-    with pytest.warns(UserWarning, match=f'{shards[1].filename}.*producing it again'):
+    with pytest.warns(UserWarning) as caught:
         gen.generate(TINY, tmp_path, workers=1)
+    messages = ' '.join(str(w.message) for w in caught)
+    assert f'{shards[1].filename}' in messages and f'{shards[2].filename}' in messages
+    assert 'producing it again' in messages
     assert train_path.read_bytes() == paths(TINY, reference)[0].read_bytes()
+    assert val_path.read_bytes() == paths(TINY, reference)[1].read_bytes()
 
 
 def test_validation_rejects_damaged_or_mismatched_files(reference, tmp_path):

@@ -27,6 +27,7 @@ import sys
 import time
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -157,6 +158,9 @@ def dataset_schema(cfg: GenerationConfig) -> dict[str, tuple[tuple[int, ...], np
 
 
 def make_env(cfg: GenerationConfig):
+    # Known noise from dependencies: glfw has no display (we render with EGL), gymnasium casts OGBench's bounds.
+    warnings.filterwarnings('ignore', message='.*DISPLAY environment variable is missing')
+    warnings.filterwarnings('ignore', message='.*precision lowered by casting')
     import gymnasium
 
     import ogbench.manipspace  # noqa: F401  (registers the envs)
@@ -457,10 +461,12 @@ class ShardCollector:
                 rows['button_states'].append(info['prev_button_states'])
             if report is not None:
                 report(1)
-        episode = {key: np.array(value) for key, value in rows.items() if value and key != 'frames'}
-        episode['frames'] = rows['frames']
-        if not replay:
-            episode['observations'] = np.array(rows['frames'], dtype=np.uint8)
+        frames = rows.pop('frames')
+        episode = {key: np.array(value) for key, value in rows.items() if value}
+        if replay:
+            episode['frames'] = frames  # rendered once the shard's rollouts are done
+        else:
+            episode['observations'] = np.array(frames, dtype=np.uint8)
         return episode
 
     def _render(self, frames: list[FrameState], report: Callable[[int], None]) -> np.ndarray:
@@ -498,7 +504,7 @@ def load_shard(path: Path, cfg: GenerationConfig, shard: Shard) -> dict[str, np.
     try:
         with np.load(path) as npz:
             arrays = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zipfile.LargeZipFile) as err:
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
         raise CorruptShardError(f'shard {path} is corrupt or truncated ({type(err).__name__}: {err})') from err
     try:
         check_arrays(arrays, cfg, shard.num_episodes)
@@ -525,12 +531,13 @@ def check_shape_dtype(key: str, shape: tuple, dtype: np.dtype, want_shape: tuple
         raise DatasetValidationError(f'{key}: got {dtype} {tuple(shape)}, expected {want_dtype} {tuple(want_shape)}')
 
 
-def check_terminals(terminals: np.ndarray, episode_length: int) -> None:
-    expected = (np.arange(len(terminals)) % episode_length) == episode_length - 1
+def check_terminals(terminals: np.ndarray, episode_length: int, first_row: int = 0) -> None:
+    """Terminals are True exactly on each episode's last row (rows counted from first_row)."""
+    expected = ((np.arange(len(terminals)) + first_row) % episode_length) == episode_length - 1
     if not np.array_equal(terminals, expected):
-        first = int(np.flatnonzero(terminals != expected)[0])
+        row = first_row + int(np.flatnonzero(terminals != expected)[0])
         raise DatasetValidationError(
-            f'terminals must be True exactly on every {episode_length}-th row; first mismatch at row {first}'
+            f'terminals must be True exactly on every {episode_length}-th row; first mismatch at row {row}'
         )
 
 
@@ -655,7 +662,7 @@ def merge_shards(cfg: GenerationConfig, shards: list[Shard], shard_dir: Path, ou
                 try:
                     with np.load(path) as npz:
                         yield npz[key]
-                except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+                except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
                     raise CorruptShardError(f'shard {path} is corrupt or truncated ({err})') from err
 
         return chunks
@@ -681,21 +688,12 @@ def validate_dataset(path: Path, cfg: GenerationConfig, num_episodes: int) -> No
                     if dtype.kind == 'f' and not np.isfinite(chunk).all():
                         raise DatasetValidationError(f'{key} has non-finite values')
                     if key == 'terminals':
-                        check_terminals_chunk(chunk, checked_rows, cfg.episode_length)
+                        check_terminals(chunk, cfg.episode_length, first_row=checked_rows)
                     checked_rows += len(chunk)
-    except (OSError, EOFError, zipfile.BadZipFile) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         raise DatasetValidationError(f'{path} is corrupt or truncated ({type(err).__name__}: {err})') from err
     except DatasetValidationError as err:
         raise DatasetValidationError(f'{path}: {err}') from err
-
-
-def check_terminals_chunk(chunk: np.ndarray, first_row: int, episode_length: int) -> None:
-    expected = ((np.arange(len(chunk)) + first_row) % episode_length) == episode_length - 1
-    if not np.array_equal(chunk, expected):
-        row = first_row + int(np.flatnonzero(chunk != expected)[0])
-        raise DatasetValidationError(
-            f'terminals must be True exactly on every {episode_length}-th row; first mismatch at row {row}'
-        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -800,7 +798,15 @@ def generate(
         if previous != settings:
             raise GenerationError(f'{train_path} exists and was made with other settings; pass --overwrite')
         print(f'{train_path} and {val_path.name} are already complete')
-        return train_path, val_path
+    else:
+        _produce_and_merge(cfg, out_dir, workers, keep_shards)
+    if preview is not None:
+        write_preview(train_path, preview, cfg.episode_length)
+    return train_path, val_path
+
+
+def _produce_and_merge(cfg: GenerationConfig, out_dir: Path, workers: int, keep_shards: bool) -> None:
+    train_path, val_path, shard_dir, record_path = output_paths(cfg, out_dir)
 
     start = time.time()
     shards = plan_shards(cfg)
@@ -818,7 +824,7 @@ def generate(
 
     transitions = sum(s.num_episodes for s in todo) * cfg.episode_length
     record = dict(
-        settings=settings,
+        settings=dataclasses.asdict(cfg),
         workers=workers,
         transitions_produced=transitions,
         seconds_producing=round(produced_seconds, 1),
@@ -831,10 +837,7 @@ def generate(
         for path in shard_dir.iterdir():
             path.unlink()
         shard_dir.rmdir()
-    if preview is not None:
-        write_preview(train_path, preview, cfg.episode_length)
     print(f'wrote {train_path} and {val_path.name}: {record}')
-    return train_path, val_path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
