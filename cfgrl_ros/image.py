@@ -1,0 +1,75 @@
+"""sensor_msgs/Image bytes -> the policy's RGB uint8 input, without cv_bridge or rclpy.
+
+Works on any object with the Image fields (encoding, height, width, step, is_bigendian, data), so
+tests and bag readers can use it too. Every malformed image raises ImageError saying what is wrong;
+nothing is guessed, because a misread frame would silently become a wrong action.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+# encoding -> (channels, channel order to take RGB from the decoded pixel)
+ENCODINGS: dict[str, tuple[int, tuple[int, ...]]] = {
+    "rgb8": (3, (0, 1, 2)),
+    "bgr8": (3, (2, 1, 0)),
+    "rgba8": (4, (0, 1, 2)),
+    "bgra8": (4, (2, 1, 0)),
+    "mono8": (1, (0, 0, 0)),
+}
+
+
+class ImageError(ValueError):
+    """An image the policy cannot use: unsupported encoding or inconsistent size fields."""
+
+
+class ImageLike(Protocol):
+    encoding: str
+    height: int
+    width: int
+    step: int
+    is_bigendian: int
+    data: bytes  # or any buffer: rclpy gives array.array('B')
+
+
+def image_to_rgb(image: ImageLike) -> np.ndarray:
+    """Decode an Image message into an (height, width, 3) RGB uint8 array (a view where possible).
+
+    Rows may carry padding (step > width * channels). All accepted encodings have one byte per
+    channel, so is_bigendian does not change the bytes; it must still be a valid flag (0 or 1).
+    """
+    if image.encoding not in ENCODINGS:
+        raise ImageError(f"unsupported encoding {image.encoding!r}; accepted: {', '.join(ENCODINGS)}")
+    channels, order = ENCODINGS[image.encoding]
+    height, width, step = int(image.height), int(image.width), int(image.step)
+    if height <= 0 or width <= 0:
+        raise ImageError(f"zero-size image ({width}x{height})")
+    if image.is_bigendian not in (0, 1):
+        raise ImageError(f"is_bigendian must be 0 or 1, got {image.is_bigendian!r}")
+    row_bytes = width * channels
+    if step < row_bytes:
+        raise ImageError(f"step {step} is smaller than width*channels = {width}*{channels} = {row_bytes} for {image.encoding}")
+    buffer = np.frombuffer(image.data, dtype=np.uint8)
+    if buffer.size != height * step:
+        raise ImageError(f"data holds {buffer.size} bytes, expected height*step = {height}*{step} = {height * step} "
+                         f"({'truncated' if buffer.size < height * step else 'too long'})")
+    pixels = buffer.reshape(height, step)[:, :row_bytes].reshape(height, width, channels)
+    if order == (0, 1, 2) and channels == 3:
+        return pixels
+    return pixels[:, :, list(order)]
+
+
+def fit_to_policy(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Resize to (size, size, 3) with area interpolation when needed; always a new, writable array
+    (the input may be a read-only view of a message buffer).
+
+    The whole frame is resized (no crop), so a non-square camera image is squashed: train on frames
+    with the same aspect ratio as the robot's camera.
+    """
+    if rgb.shape[:2] != (size, size):
+        return cv2.resize(np.ascontiguousarray(rgb), (size, size), interpolation=cv2.INTER_AREA)
+    return np.array(rgb, dtype=np.uint8, order="C", copy=True)
+

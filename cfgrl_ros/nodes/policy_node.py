@@ -1,0 +1,514 @@
+#!/usr/bin/env python3
+"""The CFGRL policy node `cfgrl`: camera and goal in, guided actions out.
+
+Subscribes (relative names, so namespaces and remaps work):
+  camera/image  sensor_msgs/Image, best-effort keep-last-1 (overridable: qos_overrides.<topic>.subscription.*)
+  goal/image    sensor_msgs/Image, reliable transient-local   (image-goal policies)
+  goal/vector   std_msgs/Float32MultiArray, same QoS          (oracle-goal policies)
+Publishes:
+  action        cfgrl_ros/PolicyAction, reliable keep-last-1; header.stamp = publish time,
+                image_stamp = the source image's stamp. Stale actions carry the stale image's stamp
+                and inference_time_ms = 0.
+  /diagnostics  diagnostic_msgs/DiagnosticArray, ~1 Hz (wall clock, so it reports even without /clock)
+
+A lifecycle node that configures (load + warm up the policy) and activates itself unless
+autostart is false. The camera callback only stores the newest frame; an inference thread
+(cfgrl_ros.inference_worker) computes actions from it, so frames are dropped, never queued.
+SIGINT/SIGTERM deactivate first, which publishes the stale action (zeros by default) as a stop.
+
+Run: cfgrl_node --ros-args --params-file config/cfgrl.yaml -p policy:=/path/ckpt.safetensors
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+import rclpy
+import torch
+from builtin_interfaces.msg import Time
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
+from rclpy.clock import Clock, ClockType
+from rclpy.duration import Duration
+from rclpy.event_handler import PublisherEventCallbacks, SubscriptionEventCallbacks, qos_policy_name_from_kind
+from rclpy.exceptions import ParameterException
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.lifecycle import LifecycleState, Node as LifecycleNode, TransitionCallbackReturn
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos_overriding_options import QoSOverridingOptions
+from rclpy.signals import SignalHandlerOptions
+from sensor_msgs.msg import Image
+from std_msgs.msg import Float32MultiArray
+
+from cfgrl_ros.checkpoint import CheckpointError
+from cfgrl_ros.control import GoalError, Inputs, assess_inputs, goal_vector, stale_action
+from cfgrl_ros.engines import Engine, load_engine, to_numpy
+from cfgrl_ros.image import ImageError, fit_to_policy, image_to_rgb
+from cfgrl_ros.inference_worker import InferenceWorker, LatencyStats, Mailbox, RateMeter
+from cfgrl_ros.msg import PolicyAction
+from cfgrl_ros.node_params import PARAMETERS, SPECS, validate_changes
+
+NODE_NAME = "cfgrl"
+CAMERA_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.BEST_EFFORT)
+LATCHED_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
+ACTION_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
+THROTTLE_S = 2.0
+STALE_CHECK_PERIOD_S = 0.05
+
+
+@dataclasses.dataclass
+class Frame:
+    """A camera image as received; decoded on the inference thread, and only if it is still the newest."""
+    message: Image
+    arrival_s: float  # node clock
+    arrival_monotonic: float  # wall clock, for the arrival-to-publish latency
+
+
+@dataclasses.dataclass
+class Observation:
+    pixels: torch.Tensor  # (1, S, S, 3) uint8
+    stamp: Time
+    arrival_s: float
+    arrival_monotonic: float
+
+
+@dataclasses.dataclass
+class Goal:
+    tensor: torch.Tensor  # (1, S, S, 3) uint8 or (1, goal_dim) float32, on the engine's device
+    arrival_s: float
+
+
+class PolicyNode(LifecycleNode):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(NODE_NAME, **kwargs)
+        self.add_on_set_parameters_callback(self._check_parameters)
+        for spec in PARAMETERS:
+            self.declare_parameter(spec.name, spec.default, ParameterDescriptor(
+                # Dynamic typing everywhere: our validators check types and say what was wrong in words,
+                # and `w 3` (an integer) is accepted where a double is meant.
+                description=spec.full_description, read_only=spec.read_only, dynamic_typing=True))
+        self.engine: Engine | None = None
+        self.fallback_reason = ""
+        self.frames: Mailbox[Frame] = Mailbox()
+        self.worker: InferenceWorker | None = None
+        self._observation: Observation | None = None  # newest decoded frame; inference thread only
+        self._goal: Goal | None = None
+        self._last_action: np.ndarray | None = None
+        self._inputs = Inputs.NO_GOAL
+        self._camera_arrival_s: float | None = None
+        self._goal_arrival_s: float | None = None
+        self._resize_logged = False
+        self._subscriptions_active: list = []
+        self._trigger = "timer"
+        self._control_timer = None
+        self._action_pub = self._diagnostics_pub = self._diagnostics_timer = None
+        self._reset_statistics()
+
+    # ---------------------------------------------------------------- parameters
+    def param(self, name: str):
+        value = self.get_parameter(name).value
+        return float(value) if SPECS[name].is_float else value
+
+    def _check_parameters(self, parameters) -> SetParametersResult:
+        current = {spec.name: self.get_parameter(spec.name).value for spec in PARAMETERS if self.has_parameter(spec.name)}
+        reason = validate_changes({p.name: p.value for p in parameters}, current)
+        if reason is not None:
+            self.get_logger().warning(f"parameter change refused: {reason}")
+            return SetParametersResult(successful=False, reason=reason)
+        return SetParametersResult(successful=True)
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> bool:
+        """Configure and activate (what autostart does); False when either step fails."""
+        return (self.trigger_configure() == TransitionCallbackReturn.SUCCESS
+                and self.trigger_activate() == TransitionCallbackReturn.SUCCESS)
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self._load_policy()
+        except Exception as error:  # rclpy would turn it into ERROR without a word: say why
+            self.get_logger().error(f"configure failed: {error}")
+            self.engine = None
+            return TransitionCallbackReturn.FAILURE
+        self._action_pub = self.create_lifecycle_publisher(
+            PolicyAction, "action", ACTION_QOS,
+            event_callbacks=PublisherEventCallbacks(incompatible_qos=self._on_offered_incompatible_qos))
+        self._diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        # Wall clock: diagnostics keep coming under use_sim_time when /clock stops.
+        self._diagnostics_timer = self.create_timer(1.0, self._publish_diagnostics, clock=Clock(clock_type=ClockType.STEADY_TIME))
+        return TransitionCallbackReturn.SUCCESS
+
+    def _load_policy(self) -> None:
+        path, backend, device = self.param("policy"), self.param("backend"), self.param("device")
+        if not path:
+            raise CheckpointError("parameter 'policy' is empty: pass -p policy:=/path/to/checkpoint.safetensors")
+        if self.param("cpu_threads") > 0:
+            torch.set_num_threads(self.param("cpu_threads"))
+        start = time.perf_counter()
+        self.engine, self.fallback_reason = self._load_engine(path, backend, device)
+        loaded_s = time.perf_counter() - start
+        config = self.engine.config
+        self.generator = torch.Generator().manual_seed(self.param("seed"))
+        warm_ms = self._time_one_inference()
+        self.get_logger().info(
+            f"policy {path}: {config.goal_mode} goals, action_dim {config.action_dim}, engine {self.engine.name} "
+            f"on {self.engine.device}; loaded and warmed up in {loaded_s:.2f} s, one more inference {warm_ms:.1f} ms")
+
+    def _load_engine(self, path: str, backend: str, device: str) -> tuple[Engine, str]:
+        """The requested engine, or torch with the reason the requested one failed."""
+        try:
+            return load_engine(path, backend, device), ""
+        except CheckpointError:
+            raise  # a bad checkpoint fails every backend alike
+        except Exception as error:  # noqa: BLE001 - any backend failure falls back to the reference engine
+            if backend == "torch":
+                raise
+            reason = f"{backend} failed ({type(error).__name__}: {error})"
+            self.get_logger().warning(f"{reason}; falling back to the torch engine")
+            return load_engine(path, "torch", device), reason
+
+    def _time_one_inference(self) -> float:
+        config = self.engine.config
+        size = config.image_size
+        pixels = torch.zeros((1, size, size, 3), dtype=torch.uint8)
+        goal = pixels if config.goal_mode == "image" else torch.zeros((1, config.goal_dim))
+        return self._infer(pixels, goal.to(self.engine.device))[1]
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        result = super().on_activate(state)  # enables the action publisher before anything can publish
+        self._trigger = trigger = self.param("trigger")
+        rate = self.param("control_rate_hz")
+        self.worker = InferenceWorker(self._control_step, self._on_worker_error,
+                                      min_interval_s=1.0 / rate if trigger == "image" else 0.0)
+        self.worker.start()
+        self._subscribe()
+        # timer trigger: every tick computes. image trigger: images kick the worker; the timer only
+        # serves stale input its stale action, at most 20 Hz (a 1 kHz rate cap needs no 1 kHz timer).
+        period = 1.0 / rate if trigger == "timer" else max(1.0 / rate, STALE_CHECK_PERIOD_S)
+        self._control_timer = self.create_timer(period, self.worker.kick)
+        self.get_logger().info(f"active: trigger {trigger}, control rate {rate:g} Hz, w {self.param('w'):g}, "
+                               f"flow_steps {self.param('flow_steps')}, goals on {self._goal_topic()}")
+        return result
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_acting()
+        return super().on_deactivate(state)  # lifecycle publishers drop messages from here on
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        return super().on_cleanup(state)
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self.worker is not None:
+            self._stop_acting()
+        self._release()
+        return super().on_shutdown(state)
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.get_logger().error(f"error while in state {state.label}: releasing the policy")
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _stop_acting(self) -> None:
+        """Stop inputs and inference, then publish the stale action once (zeros by default: a stop)."""
+        for subscription in self._subscriptions_active:
+            self.destroy_subscription(subscription)
+        self._subscriptions_active = []
+        if self._control_timer is not None:
+            self.destroy_timer(self._control_timer)
+            self._control_timer = None
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+        if self.engine is not None:
+            self._publish_stale()
+            # Reliable: make sure the stop reaches current subscribers before the publisher goes quiet.
+            self._action_pub.wait_for_all_acked(Duration(seconds=0.5))
+
+    def _release(self) -> None:
+        if self._diagnostics_timer is not None:
+            self.destroy_timer(self._diagnostics_timer)
+        if self._diagnostics_pub is not None:
+            self.destroy_publisher(self._diagnostics_pub)
+        if self._action_pub is not None:
+            self.destroy_lifecycle_publisher(self._action_pub)
+        self._action_pub = self._diagnostics_pub = self._diagnostics_timer = None
+        self.engine, self._goal, self._observation, self._last_action = None, None, None, None
+        self._camera_arrival_s = self._goal_arrival_s = None
+        self.frames.clear()
+
+    # ---------------------------------------------------------------- inputs
+    def _goal_topic(self) -> str:
+        return "goal/image" if self.engine.config.goal_mode == "image" else "goal/vector"
+
+    def _subscribe(self) -> None:
+        def events(topic: str) -> SubscriptionEventCallbacks:
+            return SubscriptionEventCallbacks(incompatible_qos=lambda info: self._on_requested_incompatible_qos(topic, info))
+
+        camera = self.create_subscription(
+            Image, "camera/image", self._on_camera, CAMERA_QOS, event_callbacks=events("camera/image"),
+            qos_overriding_options=QoSOverridingOptions.with_default_policies())
+        goal_type, on_goal = ((Image, self._on_goal_image) if self.engine.config.goal_mode == "image"
+                              else (Float32MultiArray, self._on_goal_vector))
+        goal = self.create_subscription(goal_type, self._goal_topic(), on_goal, LATCHED_QOS,
+                                        event_callbacks=events(self._goal_topic()))
+        self._subscriptions_active = [camera, goal]
+
+    def _now_s(self) -> float:
+        return self.get_clock().now().nanoseconds * 1e-9
+
+    def _on_camera(self, message: Image) -> None:
+        """Only stores the frame: decoding and inference happen on the inference thread."""
+        self._camera_arrival_s = self._now_s()
+        self.frames.put(Frame(message, self._camera_arrival_s, time.monotonic()))
+        self.camera_rate.tick()
+        if self._trigger == "image" and self.worker is not None:
+            self.worker.kick()
+
+    def _on_goal_image(self, message: Image) -> None:
+        try:
+            pixels = self._decode(message, "goal")
+        except ImageError as error:
+            self._reject_goal(f"goal image rejected: {error}")
+            return
+        self._set_goal(torch.from_numpy(pixels)[None])
+
+    def _on_goal_vector(self, message: Float32MultiArray) -> None:
+        try:
+            vector = goal_vector(np.frombuffer(message.data, dtype=np.float32), self.engine.config.goal_dim)
+        except GoalError as error:
+            self._reject_goal(f"goal rejected: {error}")
+            return
+        self._set_goal(torch.from_numpy(vector.copy())[None])
+
+    def _set_goal(self, tensor: torch.Tensor) -> None:
+        self._goal_arrival_s = self._now_s()
+        self._goal = Goal(tensor.to(self.engine.device), self._goal_arrival_s)
+        self.goal_rate.tick()
+
+    def _reject_goal(self, reason: str) -> None:
+        # The previous goal is dropped too: after a bad goal the robot must not chase the old one.
+        self._goal = None
+        self.rejected_goals += 1
+        self.last_goal_error = reason
+        self.get_logger().error(f"{reason}; no actions until a valid goal arrives",
+                                throttle_duration_sec=THROTTLE_S)
+
+    def _decode(self, message: Image, what: str) -> np.ndarray:
+        rgb = image_to_rgb(message)
+        size = self.engine.config.image_size
+        if rgb.shape[:2] != (size, size) and not self._resize_logged:
+            self._resize_logged = True
+            self.get_logger().info(f"{what} images are {rgb.shape[1]}x{rgb.shape[0]}: resizing to {size}x{size} "
+                                   "with area interpolation (logged once)")
+        return fit_to_policy(rgb, size)
+
+    # ---------------------------------------------------------------- acting (inference thread)
+    def _control_step(self) -> bool:
+        """One control tick; True when it ran an inference (the image trigger's rate cap counts those)."""
+        frame = self.frames.take()
+        new_frame = frame is not None and self._accept_frame(frame)
+        goal, observation = self._goal, self._observation
+        inputs = assess_inputs(self._now_s(), observation.arrival_s if observation else None,
+                               goal.arrival_s if goal else None,
+                               self.param("max_image_age_s"), self.param("max_goal_age_s"))
+        self._note_inputs(inputs)
+        if inputs.stale:
+            self._publish_stale()
+            return False
+        if inputs is not Inputs.FRESH or (self._trigger == "image" and not new_frame):
+            return False
+        action, inference_ms = self._infer(observation.pixels, goal.tensor)
+        self._last_action = action
+        if self.param("enable_control"):
+            self._publish(action, observation.stamp, inference_ms)
+            if new_frame:  # first action from this frame: its arrival-to-publish latency
+                self.latency_ms.add((time.monotonic() - observation.arrival_monotonic) * 1e3)
+        return True
+
+    def _accept_frame(self, frame: Frame) -> bool:
+        try:
+            pixels = self._decode(frame.message, "camera")
+        except ImageError as error:
+            self._observation = None  # the camera's newest frame is unusable: act on nothing older
+            self.rejected_images += 1
+            self.last_image_error = str(error)
+            self.get_logger().error(f"camera image rejected, no action: {error}", throttle_duration_sec=THROTTLE_S)
+            return False
+        self._observation = Observation(torch.from_numpy(pixels)[None], frame.message.header.stamp,
+                                        frame.arrival_s, frame.arrival_monotonic)
+        return True
+
+    def _note_inputs(self, inputs: Inputs) -> None:
+        if inputs is not self._inputs:
+            if inputs is Inputs.FRESH:
+                self.get_logger().info("inputs fresh: acting")
+            elif inputs.stale:
+                self.get_logger().warning(f"{inputs.value}: stale_action '{self.param('stale_action')}'")
+            self._inputs = inputs
+        if inputs in (Inputs.NO_GOAL, Inputs.NO_IMAGE):
+            topic = self._goal_topic() if inputs is Inputs.NO_GOAL else "camera/image"
+            self.get_logger().warning(f"{inputs.value} on {topic}: no actions", throttle_duration_sec=THROTTLE_S)
+
+    def _infer(self, pixels: torch.Tensor, goal: torch.Tensor) -> tuple[np.ndarray, float]:
+        w = torch.full((1,), self.param("w"))
+        noise = torch.randn((1, self.engine.config.action_dim), generator=self.generator)
+        start = time.perf_counter()
+        action = to_numpy(self.engine.infer(pixels, goal, w, noise, self.param("flow_steps")))[0]
+        inference_ms = (time.perf_counter() - start) * 1e3
+        self.inference_ms.add(inference_ms)
+        self.inference_rate.tick()
+        return action, inference_ms
+
+    def _publish_stale(self) -> None:
+        action = stale_action(self.param("stale_action"), self._last_action, self.engine.config.action_dim)
+        if action is None or not self.param("enable_control"):
+            return
+        observation = self._observation
+        self._publish(action, observation.stamp if observation else Time(), 0.0)
+        self.stale_actions += 1
+
+    def _publish(self, action: np.ndarray, image_stamp: Time, inference_ms: float) -> None:
+        message = PolicyAction()
+        message.header.stamp = self.get_clock().now().to_msg()
+        message.header.frame_id = self.param("frame_id")
+        message.image_stamp = image_stamp
+        message.action = action.astype(np.float32).tolist()
+        message.w = self.param("w")
+        message.flow_steps = self.param("flow_steps")
+        message.inference_time_ms = inference_ms
+        self._action_pub.publish(message)
+        self.action_rate.tick()
+
+    def _on_worker_error(self, error: BaseException) -> None:
+        self.inference_errors += 1
+        self.get_logger().error(f"inference failed: {type(error).__name__}: {error}", throttle_duration_sec=THROTTLE_S)
+
+    # ---------------------------------------------------------------- diagnostics
+    def _reset_statistics(self) -> None:
+        self.camera_rate, self.goal_rate = RateMeter(), RateMeter()
+        self.inference_rate, self.action_rate = RateMeter(), RateMeter()
+        self.inference_ms, self.latency_ms = LatencyStats(), LatencyStats()
+        self.rejected_images = self.rejected_goals = self.stale_actions = self.inference_errors = 0
+        self.qos_incompatible = 0
+        self.last_image_error = self.last_goal_error = ""  # the log is throttled; this is not
+
+    def _on_requested_incompatible_qos(self, topic: str, info) -> None:
+        self.qos_incompatible += info.total_count_change
+        self.get_logger().warning(
+            f"QoS incompatible with a publisher on {topic} ({qos_policy_name_from_kind(info.last_policy_kind)}): "
+            "its messages will not arrive. Camera: best-effort keep-last-1 (override with "
+            "qos_overrides.<topic>.subscription.*); goals: reliable transient-local.")
+
+    def _on_offered_incompatible_qos(self, info) -> None:
+        self.qos_incompatible += info.total_count_change
+        self.get_logger().warning(f"QoS incompatible with a subscriber on action "
+                                  f"({qos_policy_name_from_kind(info.last_policy_kind)}): it gets no actions")
+
+    def _publish_diagnostics(self) -> None:
+        array = DiagnosticArray()
+        array.header.stamp = self.get_clock().now().to_msg()
+        array.status = [self.diagnostic_status()]
+        self._diagnostics_pub.publish(array)
+
+    def diagnostic_status(self) -> DiagnosticStatus:
+        now = self._now_s()
+        active = self.worker is not None
+        level, summary = self._summary(active)
+        p50, p99 = self.inference_ms.percentiles(50, 99)
+        l50, l99 = self.latency_ms.percentiles(50, 99)
+        values = {
+            "state": "active" if active else "inactive",
+            "inputs": self._inputs.value,
+            "engine": self.engine.name if self.engine else "",
+            "backend_requested": self.param("backend"),
+            "engine_fallback": self.fallback_reason,
+            "device": str(self.engine.device) if self.engine else self.param("device"),
+            "w": f"{self.param('w'):g}",
+            "flow_steps": str(self.param("flow_steps")),
+            "trigger": self.param("trigger"),
+            "enable_control": str(self.param("enable_control")).lower(),
+            "camera_rate_hz": f"{self.camera_rate.rate():.1f}",
+            "camera_age_s": _age(now, self._camera_arrival_s),
+            "goal_age_s": _age(now, self._goal_arrival_s),
+            "inferences": str(self.inference_rate.count),
+            "inference_rate_hz": f"{self.inference_rate.rate():.1f}",
+            "actions_published": str(self.action_rate.count),
+            "action_rate_hz": f"{self.action_rate.rate():.1f}",
+            "inference_ms_p50": f"{p50:.2f}",
+            "inference_ms_p99": f"{p99:.2f}",
+            "arrival_to_publish_ms_p50": f"{l50:.2f}",
+            "arrival_to_publish_ms_p99": f"{l99:.2f}",
+            "dropped_frames": str(self.frames.dropped),
+            "rejected_images": str(self.rejected_images),
+            "last_image_error": self.last_image_error,
+            "rejected_goals": str(self.rejected_goals),
+            "last_goal_error": self.last_goal_error,
+            "stale_actions": str(self.stale_actions),
+            "inference_errors": str(self.inference_errors),
+            "qos_incompatible_events": str(self.qos_incompatible),
+        }
+        return DiagnosticStatus(level=level, name=f"{self.get_fully_qualified_name()}: policy",
+                                message=summary, hardware_id=str(self.engine.device) if self.engine else "",
+                                values=[KeyValue(key=k, value=v) for k, v in values.items()])
+
+    def _summary(self, active: bool) -> tuple[bytes, str]:
+        if self.inference_errors:
+            return DiagnosticStatus.ERROR, f"{self.inference_errors} inference errors"
+        if not active:
+            return DiagnosticStatus.WARN, "inactive"
+        if self._inputs is not Inputs.FRESH:
+            return DiagnosticStatus.WARN, self._inputs.value
+        if self.qos_incompatible:
+            return DiagnosticStatus.WARN, "incompatible QoS on a topic"
+        mode = "acting" if self.param("enable_control") else "dry run (enable_control false)"
+        return DiagnosticStatus.OK, f"{mode}, {self.action_rate.rate():.1f} actions/s"
+
+
+def _age(now_s: float, then_s: float | None) -> str:
+    return "never" if then_s is None else f"{max(0.0, now_s - then_s):.3f}"
+
+
+def main(args: list[str] | None = None) -> int:
+    # Our own signal handling: on SIGINT/SIGTERM the node must still be able to publish its stop action,
+    # which rclpy's handlers prevent by shutting the context down first.
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        node = PolicyNode()
+    except ParameterException as error:  # a bad value in the params file
+        rclpy.logging.get_logger(NODE_NAME).fatal(str(error))
+        rclpy.try_shutdown()
+        return 2
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    code = 0
+    try:
+        if node.param("autostart") and not node.start():
+            node.get_logger().fatal("autostart failed: see the error above")
+            code = 1
+        while code == 0 and rclpy.ok() and not stop.is_set():
+            executor.spin_once(timeout_sec=0.1)
+    finally:
+        if node.worker is not None:
+            node.trigger_deactivate()  # publishes the stale action as the last word
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

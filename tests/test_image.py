@@ -1,0 +1,109 @@
+"""cfgrl_ros.image: Image fields -> the policy's RGB input, and a clear ImageError for anything else."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+import pytest
+
+from cfgrl_ros.image import ENCODINGS, ImageError, fit_to_policy, image_to_rgb
+
+
+@dataclasses.dataclass
+class FakeImage:
+    """The sensor_msgs/Image fields image_to_rgb reads (it takes any object that has them)."""
+    encoding: str
+    height: int
+    width: int
+    step: int
+    data: bytes
+    is_bigendian: int = 0
+
+
+def make(pixels: np.ndarray, encoding: str, padding: int = 0) -> FakeImage:
+    height, width = pixels.shape[:2]
+    rows = pixels.reshape(height, -1)
+    padded = np.concatenate([rows, np.full((height, padding), 77, np.uint8)], axis=1)
+    return FakeImage(encoding, height, width, padded.shape[1], padded.tobytes())
+
+
+@pytest.fixture
+def rgb() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("padding", [0, 3])
+def test_every_accepted_encoding_decodes_to_the_same_rgb(rgb, padding):
+    alpha = np.full(rgb.shape[:2] + (1,), 200, np.uint8)
+    sources = {
+        "rgb8": rgb,
+        "bgr8": rgb[:, :, ::-1],
+        "rgba8": np.concatenate([rgb, alpha], axis=2),
+        "bgra8": np.concatenate([rgb[:, :, ::-1], alpha], axis=2),
+    }
+    assert set(sources) | {"mono8"} == set(ENCODINGS)
+    for encoding, pixels in sources.items():
+        decoded = image_to_rgb(make(pixels, encoding, padding))
+        assert decoded.shape == (6, 5, 3) and decoded.dtype == np.uint8
+        np.testing.assert_array_equal(decoded, rgb, err_msg=encoding)
+
+
+def test_mono8_is_replicated_to_three_channels(rgb):
+    gray = rgb[:, :, 0]
+    decoded = image_to_rgb(make(gray[:, :, None], "mono8", padding=2))
+    np.testing.assert_array_equal(decoded, np.repeat(gray[:, :, None], 3, axis=2))
+
+
+def test_reads_array_buffers_as_rclpy_delivers_them(rgb):
+    import array
+
+    image = make(rgb, "rgb8")
+    image.data = array.array("B", image.data)
+    np.testing.assert_array_equal(image_to_rgb(image), rgb)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda m: setattr(m, "encoding", "yuv422"), "unsupported encoding 'yuv422'"),
+    (lambda m: setattr(m, "encoding", "16UC1"), "unsupported encoding"),
+    (lambda m: setattr(m, "encoding", ""), "unsupported encoding ''"),
+    (lambda m: setattr(m, "data", m.data[:-7]), "truncated"),
+    (lambda m: setattr(m, "data", m.data + b"\0"), "too long"),
+    (lambda m: (setattr(m, "height", 0), setattr(m, "data", b"")), "zero-size image"),
+    (lambda m: setattr(m, "width", 0), "zero-size image"),
+    (lambda m: setattr(m, "step", m.width * 3 - 1), "step 14 is smaller than width\\*channels"),
+    (lambda m: setattr(m, "step", m.step + 1), "expected height\\*step"),  # data no longer matches
+    (lambda m: setattr(m, "is_bigendian", 7), "is_bigendian must be 0 or 1"),
+])
+def test_malformed_images_raise_a_clear_error(rgb, mutate, message):
+    image = make(rgb, "rgb8")
+    mutate(image)
+    with pytest.raises(ImageError, match=message):
+        image_to_rgb(image)
+
+
+def test_big_endian_flag_does_not_change_one_byte_channels(rgb):
+    image = make(rgb[:, :, ::-1], "bgr8")
+    image.is_bigendian = 1
+    np.testing.assert_array_equal(image_to_rgb(image), rgb)
+
+
+def test_fit_to_policy_resizes_with_area_interpolation_and_copies():
+    frame = np.random.default_rng(1).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    fitted = fit_to_policy(frame, 64)
+    assert fitted.shape == (64, 64, 3) and fitted.dtype == np.uint8
+    np.testing.assert_array_equal(fitted, cv2.resize(frame, (64, 64), interpolation=cv2.INTER_AREA))
+    # A 2x2 block average: what INTER_AREA does for an exact integer downscale.
+    blocks = np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3) % 251
+    expected = blocks.reshape(8, 2, 8, 2, 3).astype(np.float64).mean(axis=(1, 3))
+    assert np.abs(fit_to_policy(blocks, 8).astype(np.float64) - expected).max() <= 0.5 + 1e-9
+
+
+def test_fit_to_policy_returns_a_writable_copy_of_a_read_only_view(rgb):
+    square = np.ascontiguousarray(rgb[:5])
+    view = np.frombuffer(square.tobytes(), np.uint8).reshape(square.shape)  # as image_to_rgb returns it
+    assert not view.flags.writeable
+    fitted = fit_to_policy(view, 5)  # no resize needed: still a copy
+    assert fitted.flags.writeable and fitted.flags.c_contiguous and not np.shares_memory(fitted, view)
+    np.testing.assert_array_equal(fitted, square)

@@ -1,0 +1,576 @@
+"""The policy node: its ROS-free logic, then the real node over DDS.
+
+Over DDS the node runs as a subprocess (`python -m cfgrl_ros.nodes.policy_node --ros-args
+--params-file config/cfgrl.yaml -p ...`) and this process is the robot side (PolicyProbe). One node
+serves the whole module (start-up costs seconds on a loaded 2-core machine); parameters are put back
+after each test. Waits are on conditions with timeouts, never fixed sleeps; the few fixed windows
+(`spin_for`) show that something does NOT arrive.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cfgrl_ros.control import GoalError, Inputs, assess_inputs, goal_vector, stale_action
+from cfgrl_ros.inference_worker import InferenceWorker, LatencyStats, Mailbox, RateMeter
+from cfgrl_ros.node_params import PARAMETERS, SPECS, validate_changes
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG = REPO_ROOT / "config" / "cfgrl.yaml"
+DEFAULTS = {spec.name: spec.default for spec in PARAMETERS}
+
+
+# ====================================================================== ROS-free
+def test_config_yaml_lists_every_parameter_with_its_default():
+    document = yaml.safe_load(CONFIG.read_text())
+    params = document["/**/cfgrl"]["ros__parameters"]
+    assert set(params) == set(SPECS), "config/cfgrl.yaml and cfgrl_ros/node_params.py disagree"
+    for name, value in params.items():
+        assert value == SPECS[name].default and type(value) is type(SPECS[name].default), name
+    text = CONFIG.read_text()
+    for name in SPECS:  # each parameter has a comment line right above it
+        lines = text.splitlines()
+        index = next(i for i, line in enumerate(lines) if line.strip().startswith(f"{name}:"))
+        assert lines[index - 1].strip().startswith("#"), f"{name} has no comment"
+
+
+@pytest.mark.parametrize("changes", [{"w": 3}, {"w": 0.0}, {"w": 20}, {"w": 7.5}, {"flow_steps": 1},
+                                     {"flow_steps": 256}, {"trigger": "image"}, {"stale_action": "hold"},
+                                     {"enable_control": False}, {"device": "cuda:1"}, {"seed": -5},
+                                     {"max_goal_age_s": 0}, {"control_rate_hz": 1000}])
+def test_valid_parameter_values_pass(changes):
+    assert validate_changes(changes, DEFAULTS) is None
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({"w": math.nan}, "w must be finite and within \\[0, 20\\], got nan"),
+    ({"w": math.inf}, "w must be finite"),
+    ({"w": -0.5}, "w must be finite and within \\[0, 20\\], got -0.5"),
+    ({"w": 20.01}, "within \\[0, 20\\]"),
+    ({"w": "3"}, "w must be a number, got str '3'"),
+    ({"w": True}, "w must be a number, got bool"),
+    ({"flow_steps": 0}, "flow_steps must be within \\[1, 256\\], got 0"),
+    ({"flow_steps": 257}, "flow_steps must be within"),
+    ({"flow_steps": 2.5}, "flow_steps must be an integer, got float 2.5"),
+    ({"trigger": "camera"}, "trigger must be one of timer, image; got 'camera'"),
+    ({"stale_action": "stop"}, "stale_action must be one of zero, hold, none"),
+    ({"backend": "tensorrtt"}, "backend must be one of auto, torch"),
+    ({"device": "gpu"}, "device is not a torch device"),
+    ({"device": 3}, "device must be a device name string"),
+    ({"enable_control": "false"}, "enable_control must be true or false"),
+    ({"control_rate_hz": 0}, "control_rate_hz must be finite and within"),
+    ({"max_image_age_s": -1}, "max_image_age_s must be finite and within"),
+    ({"policy": 5}, "policy must be a string"),
+    ({"w_min": 5.0, "w_max": 1.0}, "w_min \\(5.0\\) must not exceed w_max \\(1.0\\)"),
+])
+def test_invalid_parameter_values_are_refused_with_a_reason(changes, reason):
+    import re
+
+    assert re.search(reason, validate_changes(changes, DEFAULTS) or "")
+
+
+def test_w_bounds_follow_w_min_and_w_max():
+    assert validate_changes({"w": 30}, {**DEFAULTS, "w_max": 50.0}) is None
+    assert "within [1, 20]" in validate_changes({"w": 0.5}, {**DEFAULTS, "w_min": 1.0})
+
+
+def test_unknown_parameters_are_left_to_ros():
+    assert validate_changes({"use_sim_time": True, "qos_overrides./camera/image.subscription.depth": 3}, DEFAULTS) is None
+
+
+def test_assess_inputs():
+    assert assess_inputs(10.0, 9.9, None, 0.5, 0.0) is Inputs.NO_GOAL
+    assert assess_inputs(10.0, None, 1.0, 0.5, 0.0) is Inputs.NO_IMAGE
+    assert assess_inputs(10.0, 9.6, 1.0, 0.5, 0.0) is Inputs.FRESH  # goals never stale with 0
+    assert assess_inputs(10.0, 9.4, 1.0, 0.5, 0.0) is Inputs.STALE_IMAGE
+    assert assess_inputs(10.0, 9.9, 1.0, 0.5, 5.0) is Inputs.STALE_GOAL
+    assert assess_inputs(10.0, 9.9, 6.0, 0.5, 5.0) is Inputs.FRESH
+    assert assess_inputs(10.0, 12.0, 11.0, 0.5, 5.0) is Inputs.FRESH  # clock jumped back: not stale
+    assert Inputs.STALE_IMAGE.stale and Inputs.STALE_GOAL.stale
+    assert not Inputs.NO_GOAL.stale and not Inputs.NO_IMAGE.stale and not Inputs.FRESH.stale
+
+
+def test_stale_action_modes():
+    last = np.array([0.5, -0.25], np.float32)
+    np.testing.assert_array_equal(stale_action("zero", last, 2), [0.0, 0.0])
+    np.testing.assert_array_equal(stale_action("zero", None, 3), [0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(stale_action("hold", last, 2), last)
+    assert stale_action("hold", None, 2) is None
+    assert stale_action("none", last, 2) is None
+    with pytest.raises(ValueError, match="unknown stale_action 'brake'"):
+        stale_action("brake", last, 2)
+
+
+def test_goal_vector_checks_length_and_finiteness():
+    np.testing.assert_array_equal(goal_vector([1, 2, 3], 3), np.array([1, 2, 3], np.float32))
+    with pytest.raises(GoalError, match="has 2 values, the policy expects goal_dim = 3"):
+        goal_vector([1.0, 2.0], 3)
+    with pytest.raises(GoalError, match="NaN or inf"):
+        goal_vector([1.0, math.nan, 0.0], 3)
+    with pytest.raises(GoalError, match="NaN or inf"):
+        goal_vector([1.0, -math.inf, 0.0], 3)
+
+
+def test_mailbox_keeps_only_the_newest_and_counts_drops():
+    box: Mailbox[int] = Mailbox()
+    assert box.take() is None
+    assert box.put(1) is False
+    assert box.put(2) is True and box.put(3) is True  # 1 and 2 were never taken
+    assert box.take() == 3 and box.take() is None
+    assert box.put(4) is False and box.dropped == 2
+    box.clear()
+    assert box.take() is None
+
+
+def test_worker_collapses_kicks_caps_its_rate_and_survives_errors():
+    calls, errors = [], []
+    release = threading.Event()
+
+    def step() -> bool:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            release.wait(5)  # a slow first step: kicks meanwhile must collapse into one
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return True
+
+    worker = InferenceWorker(step, errors.append, min_interval_s=0.05)
+    worker.start()
+    worker.kick()
+    deadline = time.monotonic() + 5
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.001)
+    for _ in range(10):
+        worker.kick()
+    release.set()
+    deadline = time.monotonic() + 5
+    while len(calls) < 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    worker.kick()
+    while len(calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    worker.kick()  # after the error the thread still serves kicks
+    while len(calls) < 4 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    worker.stop()
+    assert len(calls) == 4 and not worker.alive
+    assert [str(e) for e in errors] == ["boom"]
+    assert min(np.diff(calls)[:2]) >= 0.05 - 1e-3  # the rate cap holds after steps that did work
+
+
+def test_worker_rate_cap_counts_only_steps_that_worked():
+    calls = []
+    worker = InferenceWorker(lambda: calls.append(time.monotonic()) and False, print, min_interval_s=10.0)
+    worker.start()
+    for _ in range(3):
+        worker.kick()
+        deadline = time.monotonic() + 5
+        count = len(calls)
+        while len(calls) == count and time.monotonic() < deadline:
+            time.sleep(0.001)
+    worker.stop()
+    assert len(calls) == 3  # no 10 s waits: none of the steps ran an inference
+
+
+def test_rate_meter_and_latency_stats():
+    meter = RateMeter(window_s=5.0)
+    for i in range(11):
+        meter.tick(100.0 + i * 0.1)
+    assert meter.rate(101.0) == pytest.approx(10.0)
+    assert meter.rate(200.0) == 0.0 and meter.count == 11
+    stats = LatencyStats(capacity=100)
+    assert all(math.isnan(v) for v in stats.percentiles(50, 99))
+    for value in range(1, 201):
+        stats.add(float(value))
+    p50, p99 = stats.percentiles(50, 99)
+    assert len(stats) == 100 and p50 == pytest.approx(150.5) and p99 == pytest.approx(199.01)
+
+
+# ====================================================================== over DDS
+ACTION_DIM = 4
+CONTROL_RATE_HZ = 20.0
+STARTUP_S = 120.0  # torch + rclpy import and discovery on a loaded 2-core machine
+RESET = {"w": 3.0, "flow_steps": 16, "enable_control": True, "stale_action": "zero", "max_image_age_s": 0.5}
+
+
+def small_checkpoint(path: Path, goal_mode: str):
+    """A random-initialised policy with real 64x64 inputs and a small network (fast on CPU)."""
+    import torch
+
+    from cfgrl_ros.checkpoint import save_checkpoint
+    from cfgrl_ros.policy import CFGRLPolicy, PolicyConfig
+
+    torch.manual_seed(0)
+    config = PolicyConfig(action_dim=ACTION_DIM, goal_mode=goal_mode, goal_dim=3, encoder_channels=(8, 8, 8),
+                          encoder_dim=32, hidden_dims=(64, 64))
+    policy = CFGRLPolicy(config)
+    with torch.no_grad():  # a null embedding far from any goal's, as training makes it: guidance shows
+        policy.null_goal.fill_(2.0)
+    return save_checkpoint(path, policy)
+
+
+@pytest.fixture(scope="module")
+def ros_domain(tmp_path_factory):
+    """A ROS domain of this module's own (the conftest's ros_env, at module scope), and rclpy in it."""
+    pytest.importorskip("rclpy", reason="rclpy is not importable: run scripts/setup.sh and use its venv")
+    import rclpy
+    from conftest import _claim_domain_id  # the lock-file claim behind ros_env
+
+    domain_id, lock_fd = _claim_domain_id()
+    log_dir = tmp_path_factory.mktemp("ros_log")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ROS_DOMAIN_ID", str(domain_id))
+        patch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+        patch.delenv("ROS_STATIC_PEERS", raising=False)
+        patch.delenv("ROS_LOCALHOST_ONLY", raising=False)
+        patch.setenv("ROS_LOG_DIR", str(log_dir))
+        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+        rclpy.init()
+        try:
+            yield dict(os.environ)
+        finally:
+            rclpy.try_shutdown()
+            os.close(lock_fd)
+
+
+def start_node(env: dict, log_path: Path, checkpoint: Path, namespace: str = "", **overrides):
+    from cfgrl_ros.nodes.probe import PolicyNodeProcess
+
+    overrides = {"policy": checkpoint, "backend": "torch", "control_rate_hz": CONTROL_RATE_HZ, **overrides}
+    return PolicyNodeProcess(log_path, CONFIG, overrides, env, remaps={"__ns": namespace} if namespace else None)
+
+
+@pytest.fixture(scope="module")
+def rig(ros_domain, tmp_path_factory):
+    """The image-goal node (timer trigger, 20 Hz) and a probe on the robot side."""
+    from cfgrl_ros.nodes.probe import PolicyProbe
+
+    tmp = tmp_path_factory.mktemp("policy_node")
+    node = start_node(ros_domain, tmp / "node.log", small_checkpoint(tmp / "image.safetensors", "image"))
+    probe = PolicyProbe()
+    probe.alive_checks.append(node.check_alive)
+    try:
+        probe.wait_for_node("goal/image", STARTUP_S)
+        yield probe, node
+    finally:
+        probe.destroy()
+        node.stop()
+
+
+@pytest.fixture
+def probe(rig):
+    probe, node = rig
+    yield probe
+    if node.process.poll() is None:
+        results = probe.set_parameters(**RESET)
+        assert all(r.successful for r in results), [r.reason for r in results]
+
+
+def frames(seed: int, count: int = 1) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(count)]
+
+
+def computed(message) -> bool:
+    """An action the policy computed (stale actions carry inference_time_ms = 0)."""
+    return message.inference_time_ms > 0
+
+
+def act_on(probe, pixels: np.ndarray, timeout_s: float = 30.0, encoding: str = "rgb8"):
+    """Publish a frame (again every 0.2 s: best-effort) until an action computed from it arrives."""
+    from cfgrl_ros.nodes.probe import stamp_of
+
+    stamp = stamp_of(time.time_ns())
+    return probe.wait_for_action(lambda m: m.image_stamp == stamp and computed(m), "an action for the frame",
+                                 timeout_s, meanwhile=lambda: probe.publish_camera(pixels, encoding, stamp))
+
+
+def report_where(probe, predicate, what: str, timeout_s: float = 15.0, meanwhile=None) -> dict:
+    """The first diagnostics report from now on that satisfies predicate."""
+    start = len(probe.diagnostics)
+    probe.spin_until(lambda: any(predicate(d) for d in probe.diagnostics[start:]), what, timeout_s, meanwhile)
+    return next(d for d in probe.diagnostics[start:] if predicate(d))
+
+
+requires_rclpy = pytest.mark.requires_rclpy
+
+
+@requires_rclpy
+def test_no_goal_no_actions_then_actions_with_the_right_fields(probe):
+    from cfgrl_ros.nodes.probe import ns_of
+
+    camera, goal = frames(1, 2)
+    # Before any goal: camera frames arrive, no action leaves, and diagnostics say why.
+    report = report_where(probe, lambda d: d["camera_age_s"] != "never", "diagnostics that saw the camera",
+                          meanwhile=lambda: probe.publish_camera(camera))
+    assert report["inputs"] == "no goal received yet" and report["level"] == 1 and report["state"] == "active"
+    assert not probe.actions
+
+    probe.publish_goal_image(goal)
+    before_ns = time.time_ns()
+    message = act_on(probe, camera)
+    assert len(message.action) == ACTION_DIM and all(-1.0 <= a <= 1.0 for a in message.action)
+    assert message.header.frame_id == "base_link"
+    assert before_ns <= ns_of(message.image_stamp) <= ns_of(message.header.stamp) <= time.time_ns()
+    assert message.w == 3.0 and message.flow_steps == 16 and message.inference_time_ms > 0
+
+    report = report_where(probe, lambda d: int(d["inferences"]) > 1 and d["inputs"] == "fresh", "a fresh report",
+                          meanwhile=lambda: probe.publish_camera(camera))
+    assert report["engine"] == "torch" and report["backend_requested"] == "torch" and report["engine_fallback"] == ""
+    assert report["trigger"] == "timer" and report["w"] == "3" and report["level"] == 0
+    assert 0 < float(report["inference_ms_p50"]) <= float(report["inference_ms_p99"])
+    assert float(report["camera_rate_hz"]) > 0 and int(report["actions_published"]) > 0
+    assert report["dropped_frames"].isdigit() and report["qos_incompatible_events"] == "0"
+
+
+@requires_rclpy
+def test_w_through_the_parameter_service(probe):
+    camera = frames(2)[0]
+    probe.publish_goal_image(frames(3)[0])
+    [result] = probe.set_parameters(w=3)  # an integer, as users type `ros2 param set /cfgrl w 3`
+    assert result.successful
+    [result] = probe.set_parameters(w=5)
+    assert result.successful and probe.get_parameters("w") == {"w": 5}
+    assert act_on(probe, camera).w == 5.0  # applies from the next action on
+
+    refused = {math.nan: "finite", -1.0: "within [0, 20]", 25.0: "within [0, 20]", "three": "must be a number"}
+    for value, reason in refused.items():
+        [result] = probe.set_parameters(w=value)
+        assert not result.successful and reason in result.reason, (value, result.reason)
+        assert probe.get_parameters("w") == {"w": 5}, f"w changed after refusing {value!r}"
+    assert act_on(probe, camera).w == 5.0
+
+    for value, reason in {0: "within [1, 256]", 300: "within [1, 256]", 2.5: "must be an integer"}.items():
+        [result] = probe.set_parameters(flow_steps=value)
+        assert not result.successful and reason in result.reason
+    [result] = probe.set_parameters(policy="/elsewhere.safetensors")
+    assert not result.successful and "read-only" in result.reason
+    [result] = probe.set_parameters(flow_steps=4)
+    assert result.successful
+    message = act_on(probe, camera)
+    assert message.flow_steps == 4 and message.w == 5.0
+
+
+@requires_rclpy
+def test_action_distribution_changes_with_w(probe):
+    """One observation and goal: the mean action at w=8 differs from w=0 by far more than its noise."""
+    camera = frames(4)[0]
+    probe.publish_goal_image(frames(5)[0])
+    assert probe.set_parameters(max_image_age_s=60.0)[0].successful  # one frame serves all actions
+    samples = {}
+    for w in (0.0, 8.0):
+        assert probe.set_parameters(w=w)[0].successful
+        first = act_on(probe, camera)  # from here on, actions at this w on this frame
+        start = len(probe.actions)
+        at_w = lambda: [m.action for m in probe.actions_since(start)  # noqa: E731
+                        if m.w == w and computed(m) and m.image_stamp == first.image_stamp]
+        probe.spin_until(lambda: len(at_w()) >= 30, f"30 actions at w={w}", timeout_s=60)
+        samples[w] = np.array(at_w()[:30])
+    difference = np.abs(samples[8.0].mean(0) - samples[0.0].mean(0))
+    standard_error = np.sqrt(samples[8.0].var(0) / 30 + samples[0.0].var(0) / 30)
+    assert np.max(difference / np.maximum(standard_error, 1e-6)) > 5, (difference, standard_error)
+    assert np.all(samples[0.0].std(0) > 0)  # fresh noise per action: not one repeated action
+
+
+@requires_rclpy
+def test_stale_camera_gives_zero_actions_then_recovers(probe):
+    camera, goal = frames(6, 2)
+    probe.publish_goal_image(goal)
+    assert probe.set_parameters(max_image_age_s=0.3)[0].successful
+    message = act_on(probe, camera)
+    zero = probe.wait_for_action(lambda m: not computed(m), "a stale action", timeout_s=10)
+    assert list(zero.action) == [0.0] * ACTION_DIM and zero.image_stamp == message.image_stamp
+    report = report_where(probe, lambda d: d["inputs"] == "camera image is stale", "a stale report")
+    assert report["level"] == 1 and float(report["camera_age_s"]) > 0.3 and int(report["stale_actions"]) > 0
+    start = len(probe.actions)
+    probe.spin_for(0.5)  # still stale: zeros keep coming at the control rate, nothing computed
+    stale = probe.actions_since(start)
+    assert len(stale) >= 3 and all(not computed(m) and not any(m.action) for m in stale)
+
+    assert any(act_on(probe, camera).action)  # fresh input: acting again
+
+    assert probe.set_parameters(stale_action="hold")[0].successful
+    act_on(probe, frames(7)[0])
+    held = probe.wait_for_action(lambda m: not computed(m), "a held action", timeout_s=10)
+    received = probe.actions_since(0)
+    last_computed = [m for m in received[:received.index(held)] if computed(m)][-1]
+    assert list(held.action) == list(last_computed.action) and any(held.action)
+
+
+@requires_rclpy
+def test_malformed_images_give_no_action_and_the_node_stays_up(rig, probe):
+    _, node = rig
+    camera = frames(8)[0]
+    probe.publish_goal_image(frames(9)[0])
+    act_on(probe, camera)
+    malformed = {  # name: (fields, the reason the node gives)
+        "yuv422 encoding": (dict(encoding="yuv422"), "unsupported encoding 'yuv422'"),
+        "truncated data": (dict(pixels=camera[:40]), "truncated"),  # 40 rows of data, the header says 64
+        "zero size": (dict(pixels=camera[:0]), "zero-size image (64x0)"),
+        "wrong step": (dict(step=64 * 3 - 1), "step 191 is smaller than width*channels"),
+    }
+    from cfgrl_ros.nodes.probe import image_message, stamp_of
+
+    for name, (fields, reason) in malformed.items():
+        message = image_message(fields.get("pixels", camera), fields.get("encoding", "rgb8"),
+                                stamp_of(time.time_ns()), fields.get("step"))
+        if name == "truncated data":
+            message.height = 64
+        rejected = int(probe.diagnostics[-1]["rejected_images"])
+        report = report_where(probe, lambda d: int(d["rejected_images"]) > rejected,
+                              f"the {name} image to be rejected", meanwhile=lambda: probe.camera.publish(message))
+        assert reason in report["last_image_error"] and report["inputs"] == "no usable camera image yet"
+        start = len(probe.actions)
+        probe.spin_for(0.3)  # six control periods: the rejected frame left nothing to act on
+        assert not probe.actions_since(start), f"actions after a frame with {name}"
+        node.check_alive()
+    assert "camera image rejected, no action: unsupported encoding 'yuv422'" in node.log()  # throttled log
+    assert any(act_on(probe, camera).action)  # a good image: acting again
+
+
+@requires_rclpy
+def test_dry_run_computes_but_publishes_nothing(probe):
+    camera = frames(10)[0]
+    probe.publish_goal_image(frames(11)[0])
+    act_on(probe, camera)
+    assert probe.set_parameters(enable_control=False)[0].successful
+    probe.spin_for(0.2)  # an action already on the wire may still land
+    start = len(probe.actions)
+    before = report_where(probe, lambda d: d["enable_control"] == "false", "a dry-run report",
+                          meanwhile=lambda: probe.publish_camera(camera))
+    after = report_where(probe, lambda d: int(d["inferences"]) >= int(before["inferences"]) + 5,
+                         "more inferences in the dry run", meanwhile=lambda: probe.publish_camera(camera))
+    assert after["message"].startswith("dry run") and after["level"] == 0
+    assert not probe.actions_since(start), "an action was published in the dry run"
+
+
+@requires_rclpy
+def test_incompatible_goal_qos_is_reported(probe):
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+
+    best_effort = probe.node.create_publisher(Image, "goal/image", QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
+    try:
+        report = report_where(probe, lambda d: int(d["qos_incompatible_events"]) > 0, "a QoS incompatibility report")
+        assert report["level"] == 1
+    finally:
+        probe.node.destroy_publisher(best_effort)
+
+
+@requires_rclpy
+def test_deactivate_publishes_the_stop_then_image_trigger_acts_once_per_frame(rig, probe):
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+
+    _, node = rig
+    assert probe.set_parameters(max_image_age_s=60.0)[0].successful  # the only stale action: the stop
+    probe.publish_goal_image(frames(12)[0])
+    act_on(probe, frames(13)[0])
+    client = probe.node.create_client(ChangeState, "cfgrl/change_state")
+
+    def transition(transition_id: int) -> None:
+        probe.spin_until(client.service_is_ready, "the lifecycle service")
+        future = client.call_async(ChangeState.Request(transition=Transition(id=transition_id)))
+        probe.spin_until(future.done, "the transition")
+        assert future.result().success
+
+    start = len(probe.actions)
+    transition(Transition.TRANSITION_DEACTIVATE)
+    stop = probe.wait_for_action(lambda m: not computed(m), "the stop action", start=start, timeout_s=5)
+    assert not any(stop.action)
+    probe.spin_for(0.3)
+    assert probe.actions[-1].message is stop, "actions after the stop"  # inactive: nothing more
+    assert probe.set_parameters(trigger="image")[0].successful
+    try:
+        transition(Transition.TRANSITION_ACTIVATE)
+        probe.spin_until(lambda: probe.node.count_subscribers("camera/image") >= 1, "the camera subscription")
+        act_on(probe, frames(14)[0])  # the camera subscription is matched again
+        for pixels in frames(15, 3):  # image trigger: one frame sent once -> exactly one action
+            assert actions_for_one_frame(probe, pixels) == 1
+        report = report_where(probe, lambda d: d["trigger"] == "image", "an image-trigger report")
+        assert report["state"] == "active"
+    finally:
+        node.check_alive()
+        transition(Transition.TRANSITION_DEACTIVATE)
+        assert probe.set_parameters(trigger="timer")[0].successful
+        transition(Transition.TRANSITION_ACTIVATE)
+
+
+def actions_for_one_frame(probe, pixels: np.ndarray, tries: int = 3) -> int:
+    """Computed actions for a frame published once, counted over 0.5 s (a best-effort frame lost on
+    the way is sent again with a new stamp, up to `tries` times)."""
+    for _ in range(tries):
+        stamp = probe.publish_camera(pixels)
+        start = len(probe.actions)
+        probe.spin_for(0.5)  # ten control periods at 20 Hz: a timer trigger would act ~10 times
+        count = sum(m.image_stamp == stamp and computed(m) for m in probe.actions_since(start))
+        if count:
+            return count
+    return 0
+
+
+@requires_rclpy
+def test_sigint_publishes_the_stop_and_exits_cleanly(rig, probe):
+    """Last in the module: it ends the module's node."""
+    _, node = rig
+    assert probe.set_parameters(max_image_age_s=60.0)[0].successful  # the only stale action: the stop
+    probe.publish_goal_image(frames(18)[0])
+    act_on(probe, frames(19)[0])
+    start = len(probe.actions)
+    node.interrupt()
+    stop = probe.wait_for_action(lambda m: not computed(m), "the stop action", start=start, timeout_s=15)
+    assert not any(stop.action)
+    assert node.process.wait(15) == 0
+
+
+@requires_rclpy
+def test_goal_vectors_in_a_namespace(ros_domain, tmp_path):
+    """An oracle-goal policy under /oracle: goal/vector is checked (length, NaN) and may go stale."""
+    from cfgrl_ros.nodes.probe import PolicyProbe
+
+    node = start_node(ros_domain, tmp_path / "node.log", small_checkpoint(tmp_path / "oracle.safetensors", "oracle"),
+                      namespace="/oracle")
+    probe = PolicyProbe(namespace="oracle")
+    probe.alive_checks.append(node.check_alive)
+    try:
+        probe.wait_for_node("goal/vector", STARTUP_S)
+        camera = frames(20)[0]
+        for goal, reason in (([1.0, 2.0], "goal vector has 2 values, the policy expects goal_dim = 3"),
+                             ([0.0, math.nan, 1.0], "NaN or inf")):
+            probe.publish_goal_vector(goal)
+            report = report_where(probe, lambda d: reason in d["last_goal_error"], f"the goal {goal} to be rejected",
+                                  meanwhile=lambda: probe.publish_camera(camera))
+            assert report["inputs"] == "no goal received yet"
+        assert not probe.actions
+
+        probe.publish_goal_vector([0.1, -0.2, 0.3])
+        message = act_on(probe, camera)
+        assert len(message.action) == ACTION_DIM and message.header.frame_id == "base_link"
+
+        probe.publish_goal_vector([0.1, -0.2, math.inf])  # a bad goal also drops the previous one
+        report_where(probe, lambda d: d["rejected_goals"] == "3", "the third rejection",
+                     meanwhile=lambda: probe.publish_camera(camera))
+        start = len(probe.actions)
+        probe.spin_for(0.3)
+        assert not probe.actions_since(start), "actions on the goal before a rejected one"
+        node.check_alive()
+
+        assert probe.set_parameters(max_goal_age_s=0.3)[0].successful
+        probe.publish_goal_vector([0.1, -0.2, 0.3])
+        act_on(probe, camera)
+        stale = probe.wait_for_action(lambda m: not computed(m), "a stale-goal action", timeout_s=10,
+                                      meanwhile=lambda: probe.publish_camera(camera))  # the camera stays fresh
+        assert not any(stale.action)
+        assert report_where(probe, lambda d: d["inputs"] == "goal is stale", "a stale-goal report",
+                            meanwhile=lambda: probe.publish_camera(camera))["level"] == 1
+    finally:
+        probe.destroy()
+        assert node.stop() == 0, node.log()[-2000:]
