@@ -20,6 +20,7 @@ import copy
 import inspect
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Protocol
@@ -117,13 +118,9 @@ class CudaGraphEngine:
     name = "cuda_graph"
 
     def __init__(self, sampler: GuidedSampler, device: str | torch.device = "cuda"):
-        self.device = torch.device(device)
-        if self.device.type != "cuda" or not torch.cuda.is_available():
-            raise EngineUnavailable(f"cuda_graph needs a CUDA device (asked for {self.device}, "
-                                    f"CUDA available: {torch.cuda.is_available()})")
+        self.device = _cuda_device(device, "cuda_graph")
         self.sampler = sampler.to(self.device).eval()
         self.config = sampler.policy.config
-        self._pool = torch.cuda.graph_pool_handle()
         self._graphs: dict[int, _CapturedSampler] = {}
 
     @torch.inference_mode()
@@ -133,12 +130,12 @@ class CudaGraphEngine:
         batch_size = observations.shape[0]
         if batch_size not in self._graphs:
             log.info("cuda_graph: capturing encoder and Euler-step graphs for batch %d", batch_size)
-            self._graphs[batch_size] = _CapturedSampler(self.sampler, (observations, goals, w, noise), self._pool)
+            self._graphs[batch_size] = _CapturedSampler(self.sampler, (observations, goals, w, noise))
         return self._graphs[batch_size].run(observations, goals, w, noise, flow_steps)
 
 
 class _CapturedSampler:
-    def __init__(self, sampler: GuidedSampler, inputs: tuple[torch.Tensor, ...], pool: tuple):
+    def __init__(self, sampler: GuidedSampler, inputs: tuple[torch.Tensor, ...]):
         device = next(sampler.parameters()).device
         self.observations, self.goals, self.w, self.actions = (x.to(device).clone() for x in inputs)
         self.t = torch.zeros((), device=device)
@@ -157,8 +154,9 @@ class _CapturedSampler:
                 self.condition = encode()
                 step()
         torch.cuda.current_stream(device).wait_stream(side)
-        # Captured in this order and replayed in this order, so the shared pool never hands the
-        # condition's memory (kept alive by self.condition) to the step graph.
+        # One memory pool for the two graphs of this batch size, captured and always replayed in
+        # this order, so the step graph never gets the memory of the condition it reads.
+        pool = torch.cuda.graph_pool_handle()
         self.encode_graph, self.step_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.encode_graph, pool=pool):
             self.condition = encode()
@@ -227,10 +225,10 @@ class TensorRTEngine:
     name = "tensorrt"
 
     def __init__(self, program_path: Path, config: PolicyConfig, flow_steps: int, device: torch.device):
-        import torch_tensorrt  # noqa: F401  registers the TensorRT ops the saved program calls
-
+        torch_tensorrt, _ = _import_tensorrt()
         self.device, self.config, self.flow_steps = device, config, flow_steps
-        self._module = torch.export.load(str(program_path)).module().to(device)
+        # torch_tensorrt.load registers the TensorRT engine op the saved program calls.
+        self._module = torch_tensorrt.load(str(program_path)).module()
 
     @torch.inference_mode()
     def infer(self, observations: torch.Tensor, goals: torch.Tensor, w: torch.Tensor, noise: torch.Tensor,
@@ -260,10 +258,11 @@ class FixedStepsSampler(nn.Module):
     def forward(self, observations: torch.Tensor, goals: torch.Tensor, w: torch.Tensor,
                 noise: torch.Tensor) -> torch.Tensor:
         condition = self.sampler.encode(observations, goals)
-        actions = noise.to(condition.dtype)
-        dt = torch.tensor(1.0 / self.flow_steps)
+        actions, device = noise.to(condition.dtype), noise.device
+        dt = torch.tensor(1.0 / self.flow_steps, device=device)
         for i in range(self.flow_steps):
-            actions = self.sampler.euler_step(condition, actions, torch.tensor(i / self.flow_steps), dt, w)
+            t = torch.tensor(i / self.flow_steps, device=device)
+            actions = self.sampler.euler_step(condition, actions, t, dt, w)
         return actions.clamp(-1.0, 1.0).float()
 
 
@@ -320,7 +319,9 @@ def export_onnx(program: torch.export.ExportedProgram, path: str | Path) -> Path
         raise EngineUnavailable(f"ONNX export needs onnxscript: {error}") from error
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx_program.save(str(path))
+    partial = path.with_name(f".{path.name}.tmp{os.getpid()}")  # concurrent exporters never see half a file
+    onnx_program.save(str(partial), external_data=False)
+    os.replace(partial, path)
     return path
 
 
@@ -328,14 +329,18 @@ def onnx_artifact(checkpoint: Checkpoint, flow_steps: int, artifacts_dir: str | 
     """The checkpoint's ONNX export for flow_steps, exported now if it is missing or stale."""
     path = artifact_path(artifacts_dir, "onnx", flow_steps)
     found = read_sidecar(path)
-    if found and found.get("model_sha256") == checkpoint.metadata.get("sha256") and found.get("flow_steps") == flow_steps:
+    current = found and found.get("model_sha256") == checkpoint.metadata.get("sha256")
+    if current and found.get("flow_steps") == flow_steps:
         return path
     log.info("onnxruntime: %s ONNX export at %s (flow_steps=%d); this takes a while",
              "refreshing stale" if found else "writing", path, flow_steps)
     start = time.perf_counter()
     sampler = GuidedSampler(copy.deepcopy(checkpoint.policy).cpu().float())
-    export_onnx(export_program(sampler, flow_steps), path)
-    write_sidecar(path, artifact_metadata(checkpoint, flow_steps, "onnx", max_batch=4096))
+    try:
+        export_onnx(export_program(sampler, flow_steps), path)
+        write_sidecar(path, artifact_metadata(checkpoint, flow_steps, "onnx", max_batch=4096))
+    except OSError as error:
+        raise EngineUnavailable(f"cannot write the ONNX export to {path}: {error}") from error
     log.info("onnxruntime: ONNX export took %.1f s", time.perf_counter() - start)
     return path
 
@@ -386,9 +391,14 @@ def build_tensorrt(checkpoint: Checkpoint, flow_steps: int, path: str | Path, de
     trt_inputs = [torch_tensorrt.Input(min_shape=(1, *x.shape[1:]), opt_shape=(1, *x.shape[1:]),
                                        max_shape=(max_batch, *x.shape[1:]), dtype=x.dtype) for x in example]
     options = inspect.signature(torch_tensorrt.dynamo.compile).parameters
-    # Newer torch-tensorrt takes precision from the graph's dtypes; older needs enabled_precisions.
-    precision = {"use_explicit_typing": True} if "use_explicit_typing" in options else {
-        "enabled_precisions": {torch.float16}}
+    # The graph is fp16 already. torch-tensorrt 2.x before its 2026 API clean-up needs to be told to
+    # respect that (use_explicit_typing) or, older still, allowed fp16 kernels; newer always does.
+    if "use_explicit_typing" in options:
+        precision = {"use_explicit_typing": True}
+    elif "enabled_precisions" in options:
+        precision = {"enabled_precisions": {torch.float16}}
+    else:
+        precision = {}
     log.warning("tensorrt: building an fp16 engine for %s (flow_steps=%d, batch 1..%d) on %s; this takes minutes",
                 checkpoint.metadata.get("sha256", "?")[:12], flow_steps, max_batch, key["gpu"])
     start = time.perf_counter()
@@ -496,23 +506,23 @@ def load_engine(checkpoint_path: str, backend: str = "torch", device: str = "cpu
                    onnx_threads=onnx_threads, tensorrt_max_batch=tensorrt_max_batch)
     if backend != "auto":
         return _build_engine(checkpoint, backend, torch.device(device), **options)
-    skipped = []
-    for candidate in AUTO_ORDER["cuda" if torch.device(device).type == "cuda" else "cpu"]:
+    order = AUTO_ORDER["cuda" if torch.device(device).type == "cuda" else "cpu"]
+    for candidate in order:
         try:
-            engine = _build_engine(checkpoint, candidate, torch.device(device), **options)
+            # auto uses a TensorRT program that cfgrl-export already built; it never starts a build.
+            engine = _build_engine(checkpoint, candidate, torch.device(device), **options, allow_tensorrt_build=False)
         except EngineUnavailable as error:
             log.warning("auto: %s is unavailable: %s", candidate, error)
-            skipped.append(candidate)
             continue
-        log.info("auto: chose %s on %s (fastest available for this device%s)", candidate, device,
-                 f"; skipped {', '.join(skipped)}" if skipped else "")
+        log.info("auto: chose %s on %s: the first that runs here in the fastest-first order %s", candidate,
+                 device, " > ".join(order))
         return engine
     raise EngineUnavailable(f"no engine can run on {device}")  # unreachable: torch always runs
 
 
 def _build_engine(checkpoint: Checkpoint, backend: str, device: torch.device, *, flow_steps: int,
-                  artifacts_dir: Path, compile_mode: str | None, onnx_threads: int,
-                  tensorrt_max_batch: int) -> Engine:
+                  artifacts_dir: Path, compile_mode: str | None, onnx_threads: int, tensorrt_max_batch: int,
+                  allow_tensorrt_build: bool = True) -> Engine:
     sampler = lambda: GuidedSampler(copy.deepcopy(checkpoint.policy))  # noqa: E731  fresh copy per engine
     if backend == "torch":
         engine = TorchEngine(sampler(), device)
@@ -523,7 +533,7 @@ def _build_engine(checkpoint: Checkpoint, backend: str, device: torch.device, *,
     elif backend == "onnxruntime":
         engine = OnnxRuntimeEngine(checkpoint, artifacts_dir, device, onnx_threads)
     else:
-        engine = _load_tensorrt(checkpoint, flow_steps, artifacts_dir, device, tensorrt_max_batch)
+        engine = _load_tensorrt(checkpoint, flow_steps, artifacts_dir, device, tensorrt_max_batch, allow_tensorrt_build)
     try:
         seconds = warm_up(engine, flow_steps)
     except torch._dynamo.exc.BackendCompilerFailed as error:  # e.g. no C++ compiler for inductor
@@ -533,11 +543,14 @@ def _build_engine(checkpoint: Checkpoint, backend: str, device: torch.device, *,
 
 
 def _load_tensorrt(checkpoint: Checkpoint, flow_steps: int, artifacts_dir: Path, device: torch.device,
-                   max_batch: int) -> TensorRTEngine:
+                   max_batch: int, build_if_missing: bool) -> TensorRTEngine:
     _import_tensorrt()
     device = _cuda_device(device, "tensorrt")
     path = artifact_path(artifacts_dir, "tensorrt", flow_steps)
     if not path.is_file():
+        if not build_if_missing:
+            raise EngineUnavailable(f"no TensorRT program at {path}; build it with "
+                                    f"`cfgrl-export <checkpoint> --formats tensorrt --flow-steps {flow_steps}`")
         build_tensorrt(checkpoint, flow_steps, path, device, max_batch)
     check_cache_key(tensorrt_cache_key(checkpoint, flow_steps, max_batch, device), read_sidecar(path), path)
     return TensorRTEngine(path, checkpoint.config, flow_steps, device)
