@@ -121,12 +121,14 @@ class PointReachSim:
     action_dim = 2
     control_period_s = 0.05  # nominal, like OGBench's manipulation envs: only /clock uses it
 
-    def __init__(self, max_episode_steps: int | None = None):
+    def __init__(self, max_episode_steps: int | None = None, image_size: int | None = None):
         from training import pointreach
 
         config = pointreach.PointReachConfig()
         if max_episode_steps is not None:
             config = dataclasses.replace(config, max_episode_steps=_positive(max_episode_steps))
+        if image_size is not None:
+            config = dataclasses.replace(config, image_size=int(image_size))
         self.batch = pointreach.PointReachBatch(1, "oracle", config)
         self.num_tasks = pointreach.NUM_TASKS
         self.max_episode_steps = config.max_episode_steps
@@ -144,10 +146,17 @@ class PointReachSim:
         return _digest(self.batch.positions, self.batch.goals, self.batch.steps)
 
 
-def make_sim(env_name: str, max_episode_steps: int | None = None, shadow_size: int = 0) -> SimEnv:
-    """The sim for an OGBench visual env id, or for 'pointreach' (training/pointreach.py)."""
+def make_sim(env_name: str, max_episode_steps: int | None = None, shadow_size: int = 0,
+             image_size: int | None = None) -> SimEnv:
+    """The sim for an OGBench visual env id, or for 'pointreach' (training/pointreach.py).
+
+    image_size: PointReach renders at any size (as the direct evaluator does at the policy's size);
+    OGBench's visual envs render 64x64 only.
+    """
     if env_name == POINTREACH:
-        return PointReachSim(max_episode_steps)
+        return PointReachSim(max_episode_steps, image_size)
+    if image_size not in (None, 64):
+        raise SimConfigError(f"{env_name} renders 64x64 images; image_size {image_size} is for pointreach only")
     return OGBenchSim(env_name, max_episode_steps, shadow_size)
 
 

@@ -9,7 +9,7 @@ the policy's action noise is drawn by the node (seeded once), so per-episode out
 while success rates agree within sampling noise (tests/test_ros_evaluate.py checks that).
 
     python -m training.ros_evaluate --policy ckpt.safetensors --env visual-cube-single-v0 \\
-        --w 1 3 --tasks 1 2 3 4 5 --episodes 5 --out runs/ros_eval
+        --w 1 3 --tasks 1 2 3 4 5 --episodes-per-task 5 --out-dir runs/ros_eval
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
@@ -30,8 +32,10 @@ from std_msgs.msg import String
 from std_srvs.srv import Trigger
 from tqdm import tqdm
 
+from cfgrl_ros.checkpoint import load_checkpoint
 from cfgrl_ros.nodes import bridge
 from cfgrl_ros.nodes.processes import POLICY_MODULE, SIM_MODULE, NodeProcess
+from training.evaluate import POINTREACH, episode_limit, episode_seed, markdown_table, summarize, write_report
 
 SIM_NODE, POLICY_NODE = "cfgrl_sim", "cfgrl"
 
@@ -111,58 +115,97 @@ def policy_parameters(policy: str, seed: int, flow_steps: int, cpu_threads: int 
             "flow_steps": flow_steps, "cpu_threads": cpu_threads}
 
 
-def sim_parameters(env_name: str, max_episode_steps: int | None, shadow_size: int = 0) -> dict:
+def sim_parameters(env_name: str, max_episode_steps: int | None, shadow_size: int = 0, image_size: int = 0) -> dict:
     return {"env_name": env_name, "clock": "lockstep", "autostart": False,
-            "max_episode_steps": int(max_episode_steps or 0), "shadow_size": shadow_size}
+            "max_episode_steps": int(max_episode_steps or 0), "shadow_size": shadow_size, "image_size": image_size}
 
 
 def start_nodes(policy: str, env_name: str, log_dir: Path, *, seed: int = 0, flow_steps: int = 16,
-                max_episode_steps: int | None = None, shadow_size: int = 0,
+                max_episode_steps: int | None = None, shadow_size: int = 0, image_size: int = 0,
                 env: dict | None = None) -> tuple[NodeProcess, NodeProcess]:
+    """The sim node and the policy node as processes, logging into log_dir."""
     env = dict(os.environ if env is None else env)
     env.setdefault("MUJOCO_GL", "egl")
-    sim = NodeProcess(SIM_MODULE, sim_parameters(env_name, max_episode_steps, shadow_size), log_dir / "sim.log", env)
+    sim = NodeProcess(SIM_MODULE, sim_parameters(env_name, max_episode_steps, shadow_size, image_size),
+                      log_dir / "sim.log", env)
     policy_node = NodeProcess(POLICY_MODULE, policy_parameters(policy, seed, flow_steps), log_dir / "policy.log", env)
     return sim, policy_node
 
 
-def episode_seeds(seed: int, task_id: int, episodes: int) -> list[int]:
-    """Per-episode env seeds, the same as the direct evaluator's."""
-    from training.evaluate import episode_seeds as direct_episode_seeds
+def evaluate_through_ros(policy: str, env_name: str, ws: Sequence[float], *, episodes_per_task: int,
+                         tasks: Sequence[int] = (1, 2, 3, 4, 5), seed: int = 0, flow_steps: int = 16,
+                         max_steps: int | None = None, shadow_size: int = 0, episode_timeout_s: float = 900.0,
+                         startup_timeout_s: float = 180.0, log_dir: str | os.PathLike | None = None,
+                         env: dict | None = None, progress: bool = True) -> dict:
+    """Run every (w, task, episode) through the nodes; returns training.evaluate.summarize's dict.
 
-    return list(direct_episode_seeds(seed, task_id, episodes))
-
-
-def evaluate_through_ros(policy: str, env_name: str, w_values: list[float], tasks: list[int], episodes: int,
-                         *, seed: int = 0, flow_steps: int = 16, max_episode_steps: int | None = None,
-                         shadow_size: int = 0, episode_timeout_s: float = 600.0, startup_timeout_s: float = 180.0,
-                         log_dir: str | os.PathLike | None = None, env: dict | None = None) -> dict:
-    """Success per w and task, through the real nodes. Returns {w: {task_id: [result dicts]}}."""
+    Episode (task, k) uses the direct evaluator's env seed episode_seed(seed, task, k), so both
+    evaluators start from the same states. The policy node's noise generator is seeded with `seed`.
+    """
+    config = load_checkpoint(policy).config  # fails here, clearly, on a bad checkpoint
+    max_steps = max_steps or episode_limit(env_name)
+    image_size = config.image_size if env_name == POINTREACH else 0  # the direct evaluator renders at it too
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="cfgrl_ros_eval_"))
-    processes = start_nodes(policy, env_name, log_dir, seed=seed, flow_steps=flow_steps,
-                            max_episode_steps=max_episode_steps, shadow_size=shadow_size, env=env)
+    processes = start_nodes(policy, env_name, log_dir, seed=seed, flow_steps=flow_steps, max_episode_steps=max_steps,
+                            shadow_size=shadow_size, image_size=image_size, env=env)
     own_context = not rclpy.ok()
     if own_context:
         rclpy.init()
     session = SimSession()
+    episodes, env_steps, start = [], 0, time.perf_counter()
     try:
         session.wait_ready(startup_timeout_s, processes)
-        results: dict = {}
-        total = len(w_values) * len(tasks) * episodes
-        with tqdm(total=total, desc="ROS episodes", unit="ep") as bar:
-            for w in w_values:
+        rows = [(float(w), int(task), k) for w in ws for task in tasks for k in range(episodes_per_task)]
+        for w, task, k in tqdm(rows, desc=f"ROS eval {env_name}", unit="episode", disable=not progress):
+            if not episodes or episodes[-1]["w"] != w:
                 session.set_w(w)
-                for task_id in tasks:
-                    for episode_seed in episode_seeds(seed, task_id, episodes):
-                        result = session.run_episode(task_id, episode_seed, episode_timeout_s, processes)
-                        if result["w_values"] != [round(float(w), 6)]:
-                            raise EvaluationError(f"episode ran with w {result['w_values']}, expected [{w}]")
-                        results.setdefault(w, {}).setdefault(task_id, []).append(result)
-                        bar.update()
-        return results
+            env_seed = episode_seed(seed, task, k)
+            result = session.run_episode(task, env_seed, episode_timeout_s, processes)
+            if result["w_values"] != [round(float(np.float32(w)), 6)]:
+                raise EvaluationError(f"episode (task {task}, seed {env_seed}) ran with w {result['w_values']}, "
+                                      f"expected [{w}]: the parameter did not take effect")
+            episodes.append(dict(w=w, task=task, episode=k, seed=env_seed, success=result["success"],
+                                 steps=result["steps"], resends=result["resends"]))
+            env_steps += result["steps"]
     finally:
         session.close()
         if own_context:
             rclpy.try_shutdown()
         for process in processes:
             process.stop()
+    wall_time = time.perf_counter() - start
+    return summarize(episodes, evaluator="ros", env=env_name, checkpoint=str(policy), goal_mode=config.goal_mode,
+                     backend="torch", device="cpu", flow_steps=flow_steps, seed=seed,
+                     episodes_per_task=episodes_per_task, max_steps=max_steps, wall_time_s=round(wall_time, 3),
+                     env_steps=env_steps, env_steps_per_s=round(env_steps / wall_time, 2), logs=str(log_dir))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--policy", required=True, help="checkpoint (.safetensors)")
+    parser.add_argument("--env", required=True, help=f"OGBench visual env id or '{POINTREACH}'")
+    parser.add_argument("--w", type=float, nargs="+", default=[1.0, 3.0], help="guidance weights")
+    parser.add_argument("--episodes-per-task", type=int, default=5)
+    parser.add_argument("--tasks", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--flow-steps", type=int, default=16)
+    parser.add_argument("--max-steps", type=int, default=None, help="episode limit override (short runs)")
+    parser.add_argument("--shadow-size", type=int, default=0, help="OGBench shadow map (0: default 4096)")
+    parser.add_argument("--out-dir", default=None, help="default: <checkpoint dir>/ros-eval-<env>")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    results = evaluate_through_ros(args.policy, args.env, args.w, episodes_per_task=args.episodes_per_task,
+                                   tasks=args.tasks, seed=args.seed, flow_steps=args.flow_steps,
+                                   max_steps=args.max_steps, shadow_size=args.shadow_size)
+    out_dir = args.out_dir or Path(args.policy).parent / f"ros-eval-{args.env}"
+    paths = write_report(results, out_dir)
+    print(markdown_table(results))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+if __name__ == "__main__":
+    main()

@@ -27,11 +27,13 @@ def ros_arguments(parameters: dict) -> list[str]:
 
 
 class NodeProcess:
-    def __init__(self, module: str, parameters: dict, log_path: str | os.PathLike, env: dict | None = None):
+    def __init__(self, module: str, parameters: dict, log_path: str | os.PathLike, env: dict | None = None,
+                 ros_args: list[str] = ()):
+        """ros_args: more --ros-args arguments (e.g. --params-file PATH), before the parameters."""
         self.module = module
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", module, *ros_arguments(parameters)]
+        command = [sys.executable, "-m", module, "--ros-args", *ros_args, *ros_arguments(parameters)[1:]]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                             start_new_session=True)

@@ -49,7 +49,7 @@ class SimNode(Node):
             raise SimConfigError(f"clock must be one of {CLOCKS}, got {self.clock_mode!r}")
         steps = self.get_parameter("max_episode_steps").value
         self.sim = make_sim(self.get_parameter("env_name").value, steps or None,
-                            self.get_parameter("shadow_size").value)
+                            self.get_parameter("shadow_size").value, self.get_parameter("image_size").value or None)
         self.frame_id = self.get_parameter("frame_id").value
         self.sim_time_ns = SIM_TIME_START_NS
         self.period_ns = int(round(self.sim.control_period_s * 1e9))
@@ -90,6 +90,7 @@ class SimNode(Node):
         self.declare_parameter("auto_reset", False, ParameterDescriptor(description="next episode (seed+1) at the end"))
         self.declare_parameter("autostart", True)
         self.declare_parameter("shadow_size", 0, ParameterDescriptor(description="0: the env's shadow map"))
+        self.declare_parameter("image_size", 0, ParameterDescriptor(description="pointreach only; 0: 64"))
         self.declare_parameter("frame_id", "camera")
 
     def _check_parameters(self, parameters) -> SetParametersResult:
@@ -99,7 +100,8 @@ class SimNode(Node):
                     check_task_id(parameter.value, self.sim.num_tasks)
                 except SimConfigError as error:
                     return SetParametersResult(successful=False, reason=str(error))
-            if parameter.name in ("env_name", "clock", "max_episode_steps", "shadow_size", "control_rate_hz"):
+            if parameter.name in ("env_name", "clock", "max_episode_steps", "shadow_size", "image_size",
+                                  "control_rate_hz"):
                 return SetParametersResult(successful=False, reason=f"{parameter.name} is fixed at start-up")
         return SetParametersResult(successful=True)
 
