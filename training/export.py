@@ -138,7 +138,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in (log.name, "cfgrl_ros"):  # our progress lines, not the exporters' chatter
+        logging.getLogger(name).setLevel(logging.INFO)
     args = parse_args(argv)
     try:
         written = export_checkpoint(args.checkpoint, args.out, args.flow_steps,
