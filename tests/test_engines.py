@@ -43,11 +43,20 @@ def tiny_config(goal_mode: str) -> PolicyConfig:
                         encoder_dim=32, hidden_dims=(32, 32))
 
 
+def tiny_checkpoint(goal_mode: str, directory):
+    torch.manual_seed(0)
+    return save_checkpoint(directory / "ckpt.safetensors", CFGRLPolicy(tiny_config(goal_mode)))
+
+
 @pytest.fixture(scope="module", params=["oracle", "image"])
 def checkpoint(request, tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp(request.param) / "ckpt.safetensors"
-    return save_checkpoint(path, CFGRLPolicy(tiny_config(request.param)))
+    return tiny_checkpoint(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="module")
+def oracle_checkpoint(tmp_path_factory):
+    """One goal mode for torch.compile, which takes tens of seconds per model on 2 cores."""
+    return tiny_checkpoint("oracle", tmp_path_factory.mktemp("compiled"))
 
 
 def guided_inputs(config: PolicyConfig, batch_size: int, seed: int = 1, device: str = "cpu"):
@@ -77,9 +86,8 @@ def test_onnxruntime_rejects_bad_shapes(checkpoint):
         engine.infer(observations, goals, w, noise[:, :1], 4)
 
 
-def test_compiled_matches_eager_and_w_or_steps_never_recompile(checkpoint):
-    if checkpoint.parent.name.startswith("image"):
-        pytest.skip("torch.compile is slow on 2 cores: one goal mode covers the compiled engine")
+def test_compiled_matches_eager_and_w_or_steps_never_recompile(oracle_checkpoint):
+    checkpoint = oracle_checkpoint
     engine = load_engine(checkpoint, "compiled", flow_steps=4)  # compiles for batch 1 while warming up
     inputs = guided_inputs(engine.config, 1)
     with torch._dynamo.config.patch(error_on_recompile=True):

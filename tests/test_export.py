@@ -108,8 +108,9 @@ def test_unknown_format_is_a_clear_error(tmp_path, capsys):
     assert "unknown formats ['tflite']" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch_tensorrt") is None, reason=TENSORRT_MISSING)
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT needs a CUDA GPU")
+@pytest.mark.skipif(importlib.util.find_spec("torch_tensorrt") is None or not torch.cuda.is_available(),
+                    reason=TENSORRT_MISSING if importlib.util.find_spec("torch_tensorrt") is None
+                    else "TensorRT needs a CUDA GPU")
 def test_tensorrt_program_is_saved_with_its_cache_key(tmp_path):
     checkpoint = save_checkpoint(tmp_path / "ckpt.safetensors", CFGRLPolicy(tiny_config("oracle")))
     written = export_checkpoint(checkpoint, tmp_path / "out", FLOW_STEPS, ("tensorrt",), max_batch=8)
