@@ -41,6 +41,7 @@ setup(
             "cfgrl-export = training.export:main",
             "cfgrl-generate = training.generate_dataset:main",
             "cfgrl-benchmark = training.benchmark:main",
+            "cfgrl-reproduce = training.reproduce:main",
         ],
     },
 )
