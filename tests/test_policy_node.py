@@ -353,10 +353,29 @@ def test_w_through_the_parameter_service(probe):
         assert not result.successful and reason in result.reason
     [result] = probe.set_parameters(policy="/elsewhere.safetensors")
     assert not result.successful and "read-only" in result.reason
-    [result] = probe.set_parameters(flow_steps=4)
+    [result] = probe.set_parameters(flow_steps=4)  # engines may build per count: swapped in when ready
     assert result.successful
-    message = act_on(probe, camera)
-    assert message.flow_steps == 4 and message.w == 5.0
+    message = probe.wait_for_action(lambda m: m.flow_steps == 4 and computed(m), "an action with 4 flow steps",
+                                    meanwhile=lambda: probe.publish_camera(camera))
+    assert message.w == 5.0
+
+
+@requires_rclpy
+def test_a_flow_steps_change_that_fails_keeps_the_count_in_use(rig, probe):
+    _, node = rig
+    checkpoint = Path(next(a for a in node.command if a.startswith("policy:=")).split(":=", 1)[1])
+    assert checkpoint.name == "image.safetensors"
+    report_where(probe, lambda d: d["flow_steps"] == "16" and not d["flow_steps_note"], "flow_steps 16 in use")
+    moved = checkpoint.with_name("moved.safetensors")
+    checkpoint.rename(moved)  # the engine for the new count cannot load
+    try:
+        assert probe.set_parameters(flow_steps=8)[0].successful
+        report = report_where(probe, lambda d: "flow_steps 8 failed" in d["flow_steps_note"], "the failure report")
+        assert "checkpoint not found" in report["flow_steps_note"] and report["flow_steps"] == "16"
+        probe.spin_until(lambda: probe.get_parameters("flow_steps") == {"flow_steps": 16}, "flow_steps set back")
+    finally:
+        moved.rename(checkpoint)
+    node.check_alive()
 
 
 @requires_rclpy

@@ -40,6 +40,7 @@ from rclpy.event_handler import PublisherEventCallbacks, SubscriptionEventCallba
 from rclpy.exceptions import ParameterException
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleState, Node as LifecycleNode, TransitionCallbackReturn
+from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from rclpy.signals import SignalHandlerOptions
@@ -79,6 +80,13 @@ class Observation:
     arrival_monotonic: float
 
 
+@dataclasses.dataclass(frozen=True)
+class Active:
+    """The engine in use and the flow_steps it is warmed up for: swapped together, read together."""
+    engine: Engine
+    flow_steps: int
+
+
 @dataclasses.dataclass
 class Goal:
     tensor: torch.Tensor  # (1, S, S, 3) uint8 or (1, goal_dim) float32, on the engine's device
@@ -88,13 +96,9 @@ class Goal:
 class PolicyNode(LifecycleNode):
     def __init__(self, **kwargs) -> None:
         super().__init__(NODE_NAME, **kwargs)
-        self.add_on_set_parameters_callback(self._check_parameters)
-        for spec in PARAMETERS:
-            self.declare_parameter(spec.name, spec.default, ParameterDescriptor(
-                # Dynamic typing everywhere: our validators check types and say what was wrong in words,
-                # and `w 3` (an integer) is accepted where a double is meant.
-                description=spec.full_description, read_only=spec.read_only, dynamic_typing=True))
-        self.engine: Engine | None = None
+        self._active: Active | None = None
+        self._flow_steps_generation = 0  # the newest flow_steps request; older preparations are dropped
+        self.flow_steps_note = ""
         self.fallback_reason = ""
         self.frames: Mailbox[Frame] = Mailbox()
         self.worker: InferenceWorker | None = None
@@ -106,12 +110,25 @@ class PolicyNode(LifecycleNode):
         self._goal_arrival_s: float | None = None
         self._resize_logged = False
         self._subscriptions_active: list = []
+        self._input_topics = ("camera/image", "goal")
         self._trigger = "timer"
         self._control_timer = None
         self._action_pub = self._diagnostics_pub = self._diagnostics_timer = None
         self._reset_statistics()
+        self.add_on_set_parameters_callback(self._check_parameters)
+        self.add_post_set_parameters_callback(self._after_parameters_set)
+        for spec in PARAMETERS:
+            self.declare_parameter(spec.name, spec.default, ParameterDescriptor(
+                # Dynamic typing everywhere: our validators check types and say what was wrong in words,
+                # and `w 3` (an integer) is accepted where a double is meant.
+                description=spec.full_description, read_only=spec.read_only, dynamic_typing=True))
 
     # ---------------------------------------------------------------- parameters
+    @property
+    def engine(self) -> Engine | None:
+        active = self._active
+        return active.engine if active else None
+
     def param(self, name: str):
         value = self.get_parameter(name).value
         return float(value) if SPECS[name].is_float else value
@@ -124,6 +141,43 @@ class PolicyNode(LifecycleNode):
             return SetParametersResult(successful=False, reason=reason)
         return SetParametersResult(successful=True)
 
+    def _after_parameters_set(self, parameters) -> None:
+        for parameter in parameters:
+            if parameter.name == "flow_steps" and self._active and parameter.value != self._active.flow_steps:
+                self._prepare_flow_steps(parameter.value)
+
+    def _prepare_flow_steps(self, flow_steps: int) -> None:
+        """Warm a new engine for flow_steps on a thread of its own, then swap it in.
+
+        Some engines build per step count (onnxruntime exports one model per flow_steps, which takes
+        tens of seconds on a CPU; a TensorRT program runs one count only). Meanwhile the node keeps
+        acting, and stopping on stale input, with the engine it has; a separate engine object means
+        no engine is ever called from two threads.
+        """
+        self._flow_steps_generation += 1
+        self.flow_steps_note = f"preparing flow_steps {flow_steps}"
+        threading.Thread(target=self._load_for_flow_steps, args=(flow_steps, self._flow_steps_generation),
+                         name="cfgrl-flow-steps", daemon=True).start()
+
+    def _load_for_flow_steps(self, flow_steps: int, generation: int) -> None:
+        current = self._active
+        start = time.perf_counter()
+        try:
+            engine = load_engine(self.param("policy"), current.engine.name, str(current.engine.device),
+                                 flow_steps=flow_steps)
+        except Exception as error:  # noqa: BLE001 - reported, and the count in use stays
+            if generation == self._flow_steps_generation:
+                self.flow_steps_note = f"flow_steps {flow_steps} failed on {current.engine.name}: {error}"
+                self.get_logger().error(f"{self.flow_steps_note}; keeping flow_steps {current.flow_steps}")
+                self.set_parameters([Parameter("flow_steps", value=current.flow_steps)])
+            return
+        if generation != self._flow_steps_generation:
+            return  # superseded by a newer request, or the node was cleaned up
+        self._active = Active(engine, flow_steps)
+        self.flow_steps_note = ""
+        self.get_logger().info(f"flow_steps {flow_steps} in use ({engine.name} ready after "
+                               f"{time.perf_counter() - start:.2f} s)")
+
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> bool:
         """Configure and activate (what autostart does); False when either step fails."""
@@ -135,7 +189,7 @@ class PolicyNode(LifecycleNode):
             self._load_policy()
         except Exception as error:  # rclpy would turn it into ERROR without a word: say why
             self.get_logger().error(f"configure failed: {error}")
-            self.engine = None
+            self._active = None
             return TransitionCallbackReturn.FAILURE
         self._action_pub = self.create_lifecycle_publisher(
             PolicyAction, "action", ACTION_QOS,
@@ -152,7 +206,9 @@ class PolicyNode(LifecycleNode):
         if self.param("cpu_threads") > 0:
             torch.set_num_threads(self.param("cpu_threads"))
         start = time.perf_counter()
-        self.engine, self.fallback_reason = self._load_engine(path, backend, device)
+        flow_steps = self.param("flow_steps")
+        engine, self.fallback_reason = self._load_engine(path, backend, device, flow_steps)
+        self._active = Active(engine, flow_steps)
         loaded_s = time.perf_counter() - start
         config = self.engine.config
         self.generator = torch.Generator().manual_seed(self.param("seed"))
@@ -161,10 +217,10 @@ class PolicyNode(LifecycleNode):
             f"policy {path}: {config.goal_mode} goals, action_dim {config.action_dim}, engine {self.engine.name} "
             f"on {self.engine.device}; loaded and warmed up in {loaded_s:.2f} s, one more inference {warm_ms:.1f} ms")
 
-    def _load_engine(self, path: str, backend: str, device: str) -> tuple[Engine, str]:
-        """The requested engine, or torch with the reason the requested one failed."""
+    def _load_engine(self, path: str, backend: str, device: str, flow_steps: int) -> tuple[Engine, str]:
+        """The requested engine warmed up at flow_steps, or torch with the reason the requested one failed."""
         try:
-            return load_engine(path, backend, device), ""
+            return load_engine(path, backend, device, flow_steps=flow_steps), ""
         except CheckpointError:
             raise  # a bad checkpoint fails every backend alike
         except Exception as error:  # noqa: BLE001 - any backend failure falls back to the reference engine
@@ -172,14 +228,14 @@ class PolicyNode(LifecycleNode):
                 raise
             reason = f"{backend} failed ({type(error).__name__}: {error})"
             self.get_logger().warning(f"{reason}; falling back to the torch engine")
-            return load_engine(path, "torch", device), reason
+            return load_engine(path, "torch", device, flow_steps=flow_steps), reason
 
     def _time_one_inference(self) -> float:
         config = self.engine.config
         size = config.image_size
         pixels = torch.zeros((1, size, size, 3), dtype=torch.uint8)
         goal = pixels if config.goal_mode == "image" else torch.zeros((1, config.goal_dim))
-        return self._infer(pixels, goal.to(self.engine.device))[1]
+        return self._infer(pixels, goal.to(self.engine.device))[2]
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         result = super().on_activate(state)  # enables the action publisher before anything can publish
@@ -193,8 +249,10 @@ class PolicyNode(LifecycleNode):
         # serves stale input its stale action, at most 20 Hz (a 1 kHz rate cap needs no 1 kHz timer).
         period = 1.0 / rate if trigger == "timer" else max(1.0 / rate, STALE_CHECK_PERIOD_S)
         self._control_timer = self.create_timer(period, self.worker.kick)
+        camera, goal = self._subscriptions_active
         self.get_logger().info(f"active: trigger {trigger}, control rate {rate:g} Hz, w {self.param('w'):g}, "
-                               f"flow_steps {self.param('flow_steps')}, goals on {self._goal_topic()}")
+                               f"flow_steps {self._active.flow_steps}; camera {camera.topic_name}, "
+                               f"goal {goal.topic_name}, action {self._action_pub.topic_name}")
         return result
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -220,16 +278,16 @@ class PolicyNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _stop_acting(self) -> None:
-        """Stop inputs and inference, then publish the stale action once (zeros by default: a stop)."""
-        for subscription in self._subscriptions_active:
-            self.destroy_subscription(subscription)
-        self._subscriptions_active = []
+        """Stop inference and inputs, then publish the stale action once (zeros by default: a stop)."""
         if self._control_timer is not None:
             self.destroy_timer(self._control_timer)
             self._control_timer = None
         if self.worker is not None:
             self.worker.stop()
             self.worker = None
+        for subscription in self._subscriptions_active:
+            self.destroy_subscription(subscription)
+        self._subscriptions_active = []
         if self.engine is not None:
             self._publish_stale()
             # Reliable: make sure the stop reaches current subscribers before the publisher goes quiet.
@@ -243,7 +301,8 @@ class PolicyNode(LifecycleNode):
         if self._action_pub is not None:
             self.destroy_lifecycle_publisher(self._action_pub)
         self._action_pub = self._diagnostics_pub = self._diagnostics_timer = None
-        self.engine, self._goal, self._observation, self._last_action = None, None, None, None
+        self._flow_steps_generation += 1  # a flow_steps preparation still running is dropped
+        self._active, self._goal, self._observation, self._last_action = None, None, None, None
         self._camera_arrival_s = self._goal_arrival_s = None
         self.frames.clear()
 
@@ -263,6 +322,7 @@ class PolicyNode(LifecycleNode):
         goal = self.create_subscription(goal_type, self._goal_topic(), on_goal, LATCHED_QOS,
                                         event_callbacks=events(self._goal_topic()))
         self._subscriptions_active = [camera, goal]
+        self._input_topics = (camera.topic_name, goal.topic_name)  # resolved: namespace and remaps applied
 
     def _now_s(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9
@@ -328,10 +388,10 @@ class PolicyNode(LifecycleNode):
             return False
         if inputs is not Inputs.FRESH or (self._trigger == "image" and not new_frame):
             return False
-        action, inference_ms = self._infer(observation.pixels, goal.tensor)
+        action, flow_steps, inference_ms = self._infer(observation.pixels, goal.tensor)
         self._last_action = action
         if self.param("enable_control"):
-            self._publish(action, observation.stamp, inference_ms)
+            self._publish(action, observation.stamp, flow_steps, inference_ms)
             if new_frame:  # first action from this frame: its arrival-to-publish latency
                 self.latency_ms.add((time.monotonic() - observation.arrival_monotonic) * 1e3)
         return True
@@ -357,35 +417,37 @@ class PolicyNode(LifecycleNode):
                 self.get_logger().warning(f"{inputs.value}: stale_action '{self.param('stale_action')}'")
             self._inputs = inputs
         if inputs in (Inputs.NO_GOAL, Inputs.NO_IMAGE):
-            topic = self._goal_topic() if inputs is Inputs.NO_GOAL else "camera/image"
+            topic = self._input_topics[inputs is Inputs.NO_GOAL]
             self.get_logger().warning(f"{inputs.value} on {topic}: no actions", throttle_duration_sec=THROTTLE_S)
 
-    def _infer(self, pixels: torch.Tensor, goal: torch.Tensor) -> tuple[np.ndarray, float]:
+    def _infer(self, pixels: torch.Tensor, goal: torch.Tensor) -> tuple[np.ndarray, int, float]:
+        """One guided action: (action, flow_steps used, milliseconds)."""
+        active = self._active
         w = torch.full((1,), self.param("w"))
-        noise = torch.randn((1, self.engine.config.action_dim), generator=self.generator)
+        noise = torch.randn((1, active.engine.config.action_dim), generator=self.generator)
         start = time.perf_counter()
-        action = to_numpy(self.engine.infer(pixels, goal, w, noise, self.param("flow_steps")))[0]
+        action = to_numpy(active.engine.infer(pixels, goal, w, noise, active.flow_steps))[0]
         inference_ms = (time.perf_counter() - start) * 1e3
         self.inference_ms.add(inference_ms)
         self.inference_rate.tick()
-        return action, inference_ms
+        return action, active.flow_steps, inference_ms
 
     def _publish_stale(self) -> None:
         action = stale_action(self.param("stale_action"), self._last_action, self.engine.config.action_dim)
         if action is None or not self.param("enable_control"):
             return
         observation = self._observation
-        self._publish(action, observation.stamp if observation else Time(), 0.0)
+        self._publish(action, observation.stamp if observation else Time(), self._active.flow_steps, 0.0)
         self.stale_actions += 1
 
-    def _publish(self, action: np.ndarray, image_stamp: Time, inference_ms: float) -> None:
+    def _publish(self, action: np.ndarray, image_stamp: Time, flow_steps: int, inference_ms: float) -> None:
         message = PolicyAction()
         message.header.stamp = self.get_clock().now().to_msg()
         message.header.frame_id = self.param("frame_id")
         message.image_stamp = image_stamp
         message.action = action.astype(np.float32).tolist()
         message.w = self.param("w")
-        message.flow_steps = self.param("flow_steps")
+        message.flow_steps = flow_steps
         message.inference_time_ms = inference_ms
         self._action_pub.publish(message)
         self.action_rate.tick()
@@ -435,7 +497,8 @@ class PolicyNode(LifecycleNode):
             "engine_fallback": self.fallback_reason,
             "device": str(self.engine.device) if self.engine else self.param("device"),
             "w": f"{self.param('w'):g}",
-            "flow_steps": str(self.param("flow_steps")),
+            "flow_steps": str(self._active.flow_steps) if self._active else "",
+            "flow_steps_note": self.flow_steps_note,
             "trigger": self.param("trigger"),
             "enable_control": str(self.param("enable_control")).lower(),
             "camera_rate_hz": f"{self.camera_rate.rate():.1f}",

@@ -75,8 +75,12 @@ def diagnostic_values(array: DiagnosticArray, status_name: str) -> dict[str, str
 
 
 class PolicyProbe:
-    def __init__(self, target: str = "cfgrl", name: str = "cfgrl_probe", namespace: str = ""):
-        self.node = Node(name, namespace=namespace)
+    def __init__(self, target: str = "cfgrl", name: str = "cfgrl_probe", namespace: str = "",
+                 remaps: dict[str, str] | None = None):
+        """remaps: topic remappings of the probe itself (e.g. {"camera/image": "/robot1/cam"}), to
+        match a policy node that was launched with remapped topics."""
+        remap_args = [arg for old, new in (remaps or {}).items() for arg in ("-r", f"{old}:={new}")]
+        self.node = Node(name, namespace=namespace, cli_args=["--ros-args", *remap_args] if remap_args else None)
         self.executor = SingleThreadedExecutor()
         self.executor.add_node(self.node)
         self.camera = self.node.create_publisher(Image, "camera/image", CAMERA_PUB_QOS)
@@ -84,7 +88,7 @@ class PolicyProbe:
         self.goal_vector = self.node.create_publisher(Float32MultiArray, "goal/vector", LATCHED_QOS)
         self.actions: list[Received] = []
         self.diagnostics: list[dict[str, str]] = []
-        self.node.create_subscription(PolicyAction, "action", self._on_action, RECORD_QOS)
+        self.action_subscription = self.node.create_subscription(PolicyAction, "action", self._on_action, RECORD_QOS)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, RECORD_QOS)
         self.parameters = AsyncParameterClient(self.node, target)
         # The policy node names its status "<fully qualified node name>: policy".
@@ -123,10 +127,13 @@ class PolicyProbe:
             self.executor.spin_once(timeout_sec=min(0.02, max(0.0, deadline - time.monotonic())))
 
     def wait_for_node(self, goal_topic: str, timeout_s: float = 120.0) -> None:
-        """Until the policy node subscribes to camera and goal and its parameter services answer."""
-        self.spin_until(lambda: self.node.count_subscribers("camera/image") >= 1
-                        and self.node.count_subscribers(goal_topic) >= 1
-                        and self.node.count_publishers("action") >= 1
+        """Until the policy node subscribes to camera and goal ("goal/image" or "goal/vector"),
+        publishes actions, and its parameter services answer. Counts use this probe's resolved
+        (remapped) names: count_subscribers() itself only expands names, it does not remap."""
+        goal = self.goal_image if goal_topic == "goal/image" else self.goal_vector
+        self.spin_until(lambda: self.node.count_subscribers(self.camera.topic_name) >= 1
+                        and self.node.count_subscribers(goal.topic_name) >= 1
+                        and self.node.count_publishers(self.action_subscription.topic_name) >= 1
                         and self.parameters.services_are_ready(), "the policy node", timeout_s)
 
     def actions_since(self, index: int) -> list[PolicyAction]:
