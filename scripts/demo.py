@@ -6,11 +6,13 @@ in lockstep (one env step per action; the policy runs on the sim's /clock). This
 through the policy node's parameter service, chooses each episode's task and seed through the sim
 node's parameters, starts it with the sim's `reset` service and prints the success it reports.
 
-The default choice fits a 2-core CPU in a few minutes: rendering a 64x64 frame costs ~0.1-0.15 s
-there, so a full 200-step episode costs ~30-40 s. It runs tasks 2 and 3 (the two shortest cube
-moves, 15 cm), one episode each, for each w: at most 4 x 200 = 800 steps, fewer when the goal is
-reached (an episode ends at success), with the shadow map at 1024 (~1.5x faster rendering; mean
-pixel change 0.05/255). On a GPU machine pass e.g. --tasks 1 2 3 4 5 --episodes-per-task 10.
+The default choice fits a 2-core CPU in a few minutes. A lockstep step (render + policy + DDS)
+costs ~0.22 s of CPU there, so a full 200-step episode ~45 s. It runs tasks 2 and 3 (the two
+shortest cube moves, 15 cm), one OGBench-length episode (200 steps) each, for each w: at most
+4 x 200 = 800 steps, fewer when the goal is reached (an episode ends at success), with the shadow
+map at 1024 (~1.7x faster rendering; mean pixel change 0.05/255). Measured worst case (a policy that
+never succeeds): 800 steps in 296 s with other jobs loading the 2 cores, ~3 min when idle.
+On a GPU machine pass e.g. --tasks 1 2 3 4 5 --episodes-per-task 10.
 
     bash scripts/demo.sh                      # setup + this script
     python scripts/demo.py --policy my.safetensors --w 0 1 3
@@ -26,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 DEFAULT_POLICY = REPO_ROOT / "cfgrl_ros" / "data" / "default_policy.safetensors"
-SECONDS_PER_STEP_CPU = 0.15  # measured: render + policy + DDS round trip, 2-core CPU
+SECONDS_PER_STEP_CPU = 0.25  # measured: render (shadow 1024) + policy + DDS round trip, 2-core CPU
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     episodes = len(args.w) * len(args.tasks) * args.episodes_per_task
     print(f"demo: {args.env}, tasks {args.tasks}, {args.episodes_per_task} episode(s) per task and w, "
           f"w in {args.w}: {episodes} episodes of at most {max_steps} steps, through the policy node and "
-          f"the sim node over ROS 2 (lockstep). Worst case ~{episodes * max_steps * SECONDS_PER_STEP_CPU / 60:.0f} "
-          f"min on a 2-core CPU; an episode ends early when the goal is reached.", flush=True)
+          f"the sim node over ROS 2 (lockstep). Worst case ~{episodes * max_steps * SECONDS_PER_STEP_CPU / 60:.1f} "
+          f"min of stepping on a 2-core CPU; an episode ends early when the goal is reached.", flush=True)
     results = evaluate_through_ros(args.policy, args.env, args.w, episodes_per_task=args.episodes_per_task,
                                    tasks=args.tasks, seed=args.seed, max_steps=max_steps,
                                    shadow_size=args.shadow_size)

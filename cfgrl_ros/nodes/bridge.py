@@ -61,19 +61,24 @@ def stamp_to_ns(stamp: Time) -> int:
 
 
 def goal_links_ready(node, goal_publishers) -> bool:
-    """True when every node subscribed to the camera also has a goal subscription matched to ours.
+    """True when every policy node (camera subscriber and action publisher) has a goal subscription
+    and every discovered goal subscription is matched to our goal publishers.
 
     A goal published before that match reaches the policy after the first frame, which the policy
-    then drops (no goal yet): publishers wait for this before the first frame of an episode.
+    then drops (no goal yet): publishers wait for this before the first frame of an episode. Camera
+    viewers (no action publisher) do not count.
     """
+    def nodes(infos) -> set:
+        return {(info.node_namespace, info.node_name) for info in infos}
+
     def subscribers(topic: str) -> list:
         return node.get_subscriptions_info_by_topic(node.resolve_topic_name(topic))
 
-    camera_nodes = {(i.node_namespace, i.node_name) for i in subscribers(CAMERA_TOPIC)}
+    policies = nodes(subscribers(CAMERA_TOPIC)) & nodes(
+        node.get_publishers_info_by_topic(node.resolve_topic_name(ACTION_TOPIC)))
     goal_infos = subscribers(GOAL_IMAGE_TOPIC) + subscribers(GOAL_VECTOR_TOPIC)
-    goal_nodes = {(i.node_namespace, i.node_name) for i in goal_infos}
     matched = sum(publisher.get_subscription_count() for publisher in goal_publishers)
-    return camera_nodes <= goal_nodes and matched >= len(goal_infos)
+    return policies <= nodes(goal_infos) and matched >= len(goal_infos)
 
 
 def wait_for_goal_links(node, goal_publishers, timeout_s: float) -> bool:

@@ -123,7 +123,7 @@ class SimNode(Node):
         stamp = self._now_stamp()
         goal_publishers = (self.goal_image_pub, self.goal_vector_pub)
         if not bridge.wait_for_goal_links(self, goal_publishers, timeout_s=5.0):
-            self.get_logger().warning("a camera subscriber has no matched goal subscription yet; publishing anyway")
+            self.get_logger().warning("a policy node has no matched goal subscription yet; publishing anyway")
         self.goal_image_pub.publish(bridge.rgb_image(start.goal_image, stamp, self.frame_id))
         self.goal_vector_pub.publish(bridge.vector_message(start.goal_vector))
         # Let the goals reach their subscribers before the first frame asks for an action.
