@@ -42,6 +42,8 @@ setup(
             "cfgrl-generate = training.generate_dataset:main",
             "cfgrl-benchmark = training.benchmark:main",
             "cfgrl-reproduce = training.reproduce:main",
+            "cfgrl-ros-evaluate = training.ros_evaluate:main",
+            "cfgrl_recorder = cfgrl_ros.nodes.recorder:main",
         ],
     },
 )
