@@ -161,3 +161,65 @@ class LatencyStats:
 
     def __len__(self) -> int:
         return len(self._samples)
+
+
+OK, WARN, ERROR = 0, 1, 2  # diagnostic_msgs/DiagnosticStatus levels
+
+
+class PolicyStats:
+    """What the policy node counts and measures, and the one-line health summary it derives."""
+
+    ERROR_HOLD_S = 10.0  # an inference error keeps the status at ERROR this long
+
+    def __init__(self) -> None:
+        self.camera_rate, self.goal_rate = RateMeter(), RateMeter()
+        self.inference_rate, self.action_rate = RateMeter(), RateMeter()
+        self.inference_ms, self.latency_ms = LatencyStats(), LatencyStats()
+        self.rejected_images = self.rejected_goals = self.stale_actions = 0
+        self.inference_errors = self.qos_incompatible = 0
+        self.last_image_error = self.last_goal_error = self.last_inference_error = ""  # logs are throttled
+        self._last_error_monotonic = -math.inf
+
+    def record_error(self, error: BaseException) -> None:
+        self.inference_errors += 1
+        self.last_inference_error = f"{type(error).__name__}: {error}"
+        self._last_error_monotonic = time.monotonic()
+
+    def summary(self, active: bool, inputs: str, fresh: bool, enable_control: bool, fallback: str) -> tuple[int, str]:
+        """(level, message), the most severe condition first."""
+        if time.monotonic() - self._last_error_monotonic < self.ERROR_HOLD_S:
+            return ERROR, f"inference failing: {self.last_inference_error}"
+        if not active:
+            return WARN, "inactive"
+        if not fresh:
+            return WARN, inputs
+        if self.qos_incompatible:
+            return WARN, "incompatible QoS on a topic: see the log"
+        mode = "acting" if enable_control else "dry run (enable_control false)"
+        if fallback:
+            return WARN, f"{mode} on the torch fallback: {fallback}"
+        return OK, f"{mode}, {self.action_rate.rate():.1f} actions/s"
+
+    def values(self) -> dict[str, str]:
+        p50, p99 = self.inference_ms.percentiles(50, 99)
+        l50, l99 = self.latency_ms.percentiles(50, 99)
+        return {
+            "camera_rate_hz": f"{self.camera_rate.rate():.1f}",
+            "goal_rate_hz": f"{self.goal_rate.rate():.1f}",
+            "inferences": str(self.inference_rate.count),
+            "inference_rate_hz": f"{self.inference_rate.rate():.1f}",
+            "actions_published": str(self.action_rate.count),
+            "action_rate_hz": f"{self.action_rate.rate():.1f}",
+            "inference_ms_p50": f"{p50:.2f}",
+            "inference_ms_p99": f"{p99:.2f}",
+            "arrival_to_publish_ms_p50": f"{l50:.2f}",
+            "arrival_to_publish_ms_p99": f"{l99:.2f}",
+            "rejected_images": str(self.rejected_images),
+            "last_image_error": self.last_image_error,
+            "rejected_goals": str(self.rejected_goals),
+            "last_goal_error": self.last_goal_error,
+            "stale_actions": str(self.stale_actions),
+            "inference_errors": str(self.inference_errors),
+            "last_inference_error": self.last_inference_error,
+            "qos_incompatible_events": str(self.qos_incompatible),
+        }

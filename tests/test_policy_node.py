@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from cfgrl_ros.control import GoalError, Inputs, assess_inputs, goal_vector, stale_action
-from cfgrl_ros.inference_worker import InferenceWorker, LatencyStats, Mailbox, RateMeter
+from cfgrl_ros.inference_worker import ERROR, OK, WARN, InferenceWorker, LatencyStats, Mailbox, PolicyStats, RateMeter
 from cfgrl_ros.node_params import PARAMETERS, SPECS, validate_changes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -192,6 +192,24 @@ def test_rate_meter_and_latency_stats():
         stats.add(float(value))
     p50, p99 = stats.percentiles(50, 99)
     assert len(stats) == 100 and p50 == pytest.approx(150.5) and p99 == pytest.approx(199.01)
+
+
+def test_policy_stats_summary_puts_the_worst_condition_first():
+    stats = PolicyStats()
+    assert stats.summary(True, "fresh", True, True, "")[0] == OK
+    assert stats.summary(True, "fresh", True, False, "")[1].startswith("dry run")
+    assert stats.summary(True, "fresh", True, True, "tensorrt failed") == (
+        WARN, "acting on the torch fallback: tensorrt failed")
+    stats.qos_incompatible = 1
+    assert stats.summary(True, "fresh", True, True, "")[0] == WARN
+    assert stats.summary(True, "camera image is stale", False, True, "") == (WARN, "camera image is stale")
+    assert stats.summary(False, "fresh", True, True, "") == (WARN, "inactive")
+    stats.record_error(RuntimeError("CUDA out of memory"))
+    assert stats.summary(True, "fresh", True, True, "") == (ERROR, "inference failing: RuntimeError: CUDA out of memory")
+    stats._last_error_monotonic -= PolicyStats.ERROR_HOLD_S  # errors age out of the status, not the count
+    assert stats.summary(True, "fresh", True, True, "")[0] == WARN and stats.values()["inference_errors"] == "1"
+    assert set(stats.values()) >= {"camera_rate_hz", "goal_rate_hz", "inference_ms_p50", "inference_ms_p99",
+                                   "qos_incompatible_events", "rejected_images", "stale_actions"}
 
 
 # ====================================================================== over DDS

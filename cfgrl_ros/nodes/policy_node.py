@@ -51,7 +51,7 @@ from cfgrl_ros.checkpoint import CheckpointError
 from cfgrl_ros.control import GoalError, Inputs, assess_inputs, goal_vector, stale_action
 from cfgrl_ros.engines import Engine, load_engine, to_numpy
 from cfgrl_ros.image import ImageError, fit_to_policy, image_to_rgb
-from cfgrl_ros.inference_worker import InferenceWorker, LatencyStats, Mailbox, RateMeter
+from cfgrl_ros.inference_worker import InferenceWorker, Mailbox, PolicyStats
 from cfgrl_ros.msg import PolicyAction
 from cfgrl_ros.node_params import PARAMETERS, SPECS, validate_changes
 
@@ -114,7 +114,7 @@ class PolicyNode(LifecycleNode):
         self._trigger = "timer"
         self._control_timer = None
         self._action_pub = self._diagnostics_pub = self._diagnostics_timer = None
-        self._reset_statistics()
+        self.stats = PolicyStats()
         self.add_on_set_parameters_callback(self._check_parameters)
         self.add_post_set_parameters_callback(self._after_parameters_set)
         for spec in PARAMETERS:
@@ -161,6 +161,8 @@ class PolicyNode(LifecycleNode):
 
     def _load_for_flow_steps(self, flow_steps: int, generation: int) -> None:
         current = self._active
+        if current is None:
+            return  # cleaned up before this thread ran
         start = time.perf_counter()
         try:
             engine = load_engine(self.param("policy"), current.engine.name, str(current.engine.device),
@@ -312,7 +314,8 @@ class PolicyNode(LifecycleNode):
 
     def _subscribe(self) -> None:
         def events(topic: str) -> SubscriptionEventCallbacks:
-            return SubscriptionEventCallbacks(incompatible_qos=lambda info: self._on_requested_incompatible_qos(topic, info))
+            resolved = self.resolve_topic_name(topic)
+            return SubscriptionEventCallbacks(incompatible_qos=lambda info: self._on_requested_incompatible_qos(resolved, info))
 
         camera = self.create_subscription(
             Image, "camera/image", self._on_camera, CAMERA_QOS, event_callbacks=events("camera/image"),
@@ -331,7 +334,7 @@ class PolicyNode(LifecycleNode):
         """Only stores the frame: decoding and inference happen on the inference thread."""
         self._camera_arrival_s = self._now_s()
         self.frames.put(Frame(message, self._camera_arrival_s, time.monotonic()))
-        self.camera_rate.tick()
+        self.stats.camera_rate.tick()
         if self._trigger == "image" and self.worker is not None:
             self.worker.kick()
 
@@ -354,13 +357,13 @@ class PolicyNode(LifecycleNode):
     def _set_goal(self, tensor: torch.Tensor) -> None:
         self._goal_arrival_s = self._now_s()
         self._goal = Goal(tensor.to(self.engine.device), self._goal_arrival_s)
-        self.goal_rate.tick()
+        self.stats.goal_rate.tick()
 
     def _reject_goal(self, reason: str) -> None:
         # The previous goal is dropped too: after a bad goal the robot must not chase the old one.
         self._goal = None
-        self.rejected_goals += 1
-        self.last_goal_error = reason
+        self.stats.rejected_goals += 1
+        self.stats.last_goal_error = reason
         self.get_logger().error(f"{reason}; no actions until a valid goal arrives",
                                 throttle_duration_sec=THROTTLE_S)
 
@@ -393,7 +396,7 @@ class PolicyNode(LifecycleNode):
         if self.param("enable_control"):
             self._publish(action, observation.stamp, flow_steps, inference_ms)
             if new_frame:  # first action from this frame: its arrival-to-publish latency
-                self.latency_ms.add((time.monotonic() - observation.arrival_monotonic) * 1e3)
+                self.stats.latency_ms.add((time.monotonic() - observation.arrival_monotonic) * 1e3)
         return True
 
     def _accept_frame(self, frame: Frame) -> bool:
@@ -401,8 +404,8 @@ class PolicyNode(LifecycleNode):
             pixels = self._decode(frame.message, "camera")
         except ImageError as error:
             self._observation = None  # the camera's newest frame is unusable: act on nothing older
-            self.rejected_images += 1
-            self.last_image_error = str(error)
+            self.stats.rejected_images += 1
+            self.stats.last_image_error = str(error)
             self.get_logger().error(f"camera image rejected, no action: {error}", throttle_duration_sec=THROTTLE_S)
             return False
         self._observation = Observation(torch.from_numpy(pixels)[None], frame.message.header.stamp,
@@ -428,8 +431,8 @@ class PolicyNode(LifecycleNode):
         start = time.perf_counter()
         action = to_numpy(active.engine.infer(pixels, goal, w, noise, active.flow_steps))[0]
         inference_ms = (time.perf_counter() - start) * 1e3
-        self.inference_ms.add(inference_ms)
-        self.inference_rate.tick()
+        self.stats.inference_ms.add(inference_ms)
+        self.stats.inference_rate.tick()
         return action, active.flow_steps, inference_ms
 
     def _publish_stale(self) -> None:
@@ -438,7 +441,7 @@ class PolicyNode(LifecycleNode):
             return
         observation = self._observation
         self._publish(action, observation.stamp if observation else Time(), self._active.flow_steps, 0.0)
-        self.stale_actions += 1
+        self.stats.stale_actions += 1
 
     def _publish(self, action: np.ndarray, image_stamp: Time, flow_steps: int, inference_ms: float) -> None:
         message = PolicyAction()
@@ -450,30 +453,22 @@ class PolicyNode(LifecycleNode):
         message.flow_steps = flow_steps
         message.inference_time_ms = inference_ms
         self._action_pub.publish(message)
-        self.action_rate.tick()
+        self.stats.action_rate.tick()
 
     def _on_worker_error(self, error: BaseException) -> None:
-        self.inference_errors += 1
+        self.stats.record_error(error)
         self.get_logger().error(f"inference failed: {type(error).__name__}: {error}", throttle_duration_sec=THROTTLE_S)
 
     # ---------------------------------------------------------------- diagnostics
-    def _reset_statistics(self) -> None:
-        self.camera_rate, self.goal_rate = RateMeter(), RateMeter()
-        self.inference_rate, self.action_rate = RateMeter(), RateMeter()
-        self.inference_ms, self.latency_ms = LatencyStats(), LatencyStats()
-        self.rejected_images = self.rejected_goals = self.stale_actions = self.inference_errors = 0
-        self.qos_incompatible = 0
-        self.last_image_error = self.last_goal_error = ""  # the log is throttled; this is not
-
     def _on_requested_incompatible_qos(self, topic: str, info) -> None:
-        self.qos_incompatible += info.total_count_change
+        self.stats.qos_incompatible += info.total_count_change
         self.get_logger().warning(
             f"QoS incompatible with a publisher on {topic} ({qos_policy_name_from_kind(info.last_policy_kind)}): "
             "its messages will not arrive. Camera: best-effort keep-last-1 (override with "
             "qos_overrides.<topic>.subscription.*); goals: reliable transient-local.")
 
     def _on_offered_incompatible_qos(self, info) -> None:
-        self.qos_incompatible += info.total_count_change
+        self.stats.qos_incompatible += info.total_count_change
         self.get_logger().warning(f"QoS incompatible with a subscriber on action "
                                   f"({qos_policy_name_from_kind(info.last_policy_kind)}): it gets no actions")
 
@@ -484,58 +479,30 @@ class PolicyNode(LifecycleNode):
         self._diagnostics_pub.publish(array)
 
     def diagnostic_status(self) -> DiagnosticStatus:
-        now = self._now_s()
-        active = self.worker is not None
-        level, summary = self._summary(active)
-        p50, p99 = self.inference_ms.percentiles(50, 99)
-        l50, l99 = self.latency_ms.percentiles(50, 99)
+        now, active, stats = self._now_s(), self._active, self.stats
+        acting = self.worker is not None
+        level, summary = stats.summary(acting, self._inputs.value, self._inputs is Inputs.FRESH,
+                                       self.param("enable_control"), self.fallback_reason)
         values = {
-            "state": "active" if active else "inactive",
+            "state": "active" if acting else "inactive",
             "inputs": self._inputs.value,
-            "engine": self.engine.name if self.engine else "",
+            "engine": active.engine.name if active else "",
             "backend_requested": self.param("backend"),
             "engine_fallback": self.fallback_reason,
-            "device": str(self.engine.device) if self.engine else self.param("device"),
+            "device": str(active.engine.device) if active else self.param("device"),
             "w": f"{self.param('w'):g}",
-            "flow_steps": str(self._active.flow_steps) if self._active else "",
+            "flow_steps": str(active.flow_steps) if active else "",
             "flow_steps_note": self.flow_steps_note,
-            "trigger": self.param("trigger"),
+            "trigger": self._trigger if acting else self.param("trigger"),
             "enable_control": str(self.param("enable_control")).lower(),
-            "camera_rate_hz": f"{self.camera_rate.rate():.1f}",
             "camera_age_s": _age(now, self._camera_arrival_s),
             "goal_age_s": _age(now, self._goal_arrival_s),
-            "inferences": str(self.inference_rate.count),
-            "inference_rate_hz": f"{self.inference_rate.rate():.1f}",
-            "actions_published": str(self.action_rate.count),
-            "action_rate_hz": f"{self.action_rate.rate():.1f}",
-            "inference_ms_p50": f"{p50:.2f}",
-            "inference_ms_p99": f"{p99:.2f}",
-            "arrival_to_publish_ms_p50": f"{l50:.2f}",
-            "arrival_to_publish_ms_p99": f"{l99:.2f}",
             "dropped_frames": str(self.frames.dropped),
-            "rejected_images": str(self.rejected_images),
-            "last_image_error": self.last_image_error,
-            "rejected_goals": str(self.rejected_goals),
-            "last_goal_error": self.last_goal_error,
-            "stale_actions": str(self.stale_actions),
-            "inference_errors": str(self.inference_errors),
-            "qos_incompatible_events": str(self.qos_incompatible),
+            **stats.values(),
         }
-        return DiagnosticStatus(level=level, name=f"{self.get_fully_qualified_name()}: policy",
-                                message=summary, hardware_id=str(self.engine.device) if self.engine else "",
+        return DiagnosticStatus(level=bytes([level]), name=f"{self.get_fully_qualified_name()}: policy",
+                                message=summary, hardware_id=values["device"],
                                 values=[KeyValue(key=k, value=v) for k, v in values.items()])
-
-    def _summary(self, active: bool) -> tuple[bytes, str]:
-        if self.inference_errors:
-            return DiagnosticStatus.ERROR, f"{self.inference_errors} inference errors"
-        if not active:
-            return DiagnosticStatus.WARN, "inactive"
-        if self._inputs is not Inputs.FRESH:
-            return DiagnosticStatus.WARN, self._inputs.value
-        if self.qos_incompatible:
-            return DiagnosticStatus.WARN, "incompatible QoS on a topic"
-        mode = "acting" if self.param("enable_control") else "dry run (enable_control false)"
-        return DiagnosticStatus.OK, f"{mode}, {self.action_rate.rate():.1f} actions/s"
 
 
 def _age(now_s: float, then_s: float | None) -> str:
