@@ -108,7 +108,7 @@ class PolicyNode(LifecycleNode):
         self._inputs = Inputs.NO_GOAL
         self._camera_arrival_s: float | None = None
         self._goal_arrival_s: float | None = None
-        self._resize_logged = False
+        self._resize_logged: set[str] = set()  # "camera", "goal": each logged once
         self._subscriptions_active: list = []
         self._input_topics = ("camera/image", "goal")
         self._trigger = "timer"
@@ -370,8 +370,8 @@ class PolicyNode(LifecycleNode):
     def _decode(self, message: Image, what: str) -> np.ndarray:
         rgb = image_to_rgb(message)
         size = self.engine.config.image_size
-        if rgb.shape[:2] != (size, size) and not self._resize_logged:
-            self._resize_logged = True
+        if rgb.shape[:2] != (size, size) and what not in self._resize_logged:
+            self._resize_logged.add(what)
             self.get_logger().info(f"{what} images are {rgb.shape[1]}x{rgb.shape[0]}: resizing to {size}x{size} "
                                    "with area interpolation (logged once)")
         return fit_to_policy(rgb, size)
