@@ -19,6 +19,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*", "training", "training.*"]),
+    package_data={PACKAGE: ["data/*.safetensors", "data/*.md"]},
     # Registers the package in the ament index and ships what launch files look up by package.
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
