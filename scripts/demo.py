@@ -8,32 +8,15 @@ episode's task and seed through the sim node's parameters, starts it with the si
 service and prints the success the sim reports, in the direct evaluator's table format.
 
 The embedded default (cfgrl_ros/data/default_policy.safetensors, model card beside it) is a CFGRL
-policy for the toy PointReach task (a dot seen by a 32x32 camera, suboptimal demonstrations),
+policy for the toy PointReach task (a dot seen by a 16x16 camera, suboptimal demonstrations),
 trained on this project's 2-core CPU: no visual-cube policy trained at the paper's scale exists
 yet, because that needs the GPU machine (see docs/reproduce.md). By default it runs the 5
 evaluation tasks x 10 episodes for each w, 30 steps each: 3,000 lockstep steps, about 1-2 minutes
 on a 2-core CPU. A visual-cube policy of your own runs the same way:
 
     bash scripts/demo.sh                                          # setup + the default
-    python scripts/demo.py --env visual-cube-single-v0 --policy runs/cube/checkpoint.safetensors \
-        --tasks 2 3 --episodes-per-task 1                          # ~45 s per 200-step episode on CPU
-"""The main job: the default policy drives OGBench's visual-cube-single through ROS 2, for w=1 and w=3.
-
-Two processes talk over DDS (loopback only): the policy node `cfgrl` and the sim node `cfgrl_sim`
-in lockstep (one env step per action; the policy runs on the sim's /clock). This script sets w
-through the policy node's parameter service, chooses each episode's task and seed through the sim
-node's parameters, starts it with the sim's `reset` service and prints the success it reports.
-
-The default choice fits a 2-core CPU in a few minutes. A lockstep step (render + policy + DDS)
-costs ~0.22 s of CPU there, so a full 200-step episode ~45 s. It runs tasks 2 and 3 (the two
-shortest cube moves, 15 cm), one OGBench-length episode (200 steps) each, for each w: at most
-4 x 200 = 800 steps, fewer when the goal is reached (an episode ends at success), with the shadow
-map at 1024 (~1.7x faster rendering; mean pixel change 0.05/255). Measured worst case (a policy that
-never succeeds): 800 steps in 296 s with other jobs loading the 2 cores, ~3 min when idle.
-On a GPU machine pass e.g. --tasks 1 2 3 4 5 --episodes-per-task 10.
-
-    bash scripts/demo.sh                      # setup + this script
-    python scripts/demo.py --policy my.safetensors --w 0 1 3
+    python scripts/demo.py --env visual-cube-single-v0 --policy my_cube.safetensors --tasks 2 3
+                                   # one 200-step episode per task and w: ~45 s each on a 2-core CPU
 """
 
 from __future__ import annotations
@@ -74,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
 
     max_steps = args.max_steps or episode_limit(args.env)
     episodes = len(args.w) * len(args.tasks) * args.episodes_per_task
+    seconds_per_step = SECONDS_PER_STEP_CPU.get(args.env, SECONDS_PER_STEP_CPU["default"])
     print(f"demo: {args.env}, tasks {args.tasks}, {args.episodes_per_task} episode(s) per task and w, "
           f"w in {args.w}: {episodes} episodes of at most {max_steps} steps, through the policy node and "
-          f"the sim node over ROS 2 (lockstep). Worst case ~{episodes * max_steps * SECONDS_PER_STEP_CPU.get(args.env, SECONDS_PER_STEP_CPU["default"]) / 60:.1f} "
+          f"the sim node over ROS 2 (lockstep). Worst case ~{episodes * max_steps * seconds_per_step / 60:.1f} "
           f"min of stepping on a 2-core CPU; an episode ends early when the goal is reached.", flush=True)
     results = evaluate_through_ros(args.policy, args.env, args.w, episodes_per_task=args.episodes_per_task,
                                    tasks=args.tasks, seed=args.seed, max_steps=max_steps,
