@@ -22,7 +22,6 @@ Run: cfgrl_node --ros-args --params-file config/cfgrl.yaml -p policy:=/path/ckpt
 from __future__ import annotations
 
 import dataclasses
-import math
 import signal
 import sys
 import threading

@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -29,6 +25,7 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import Float32MultiArray
 
 from cfgrl_ros.msg import PolicyAction
+from cfgrl_ros.nodes.processes import NodeProcess
 
 CAMERA_PUB_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
 LATCHED_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
@@ -185,56 +182,14 @@ class PolicyProbe:
         self.node.destroy_node()
 
 
-class PolicyNodeProcess:
+class PolicyNodeProcess(NodeProcess):
     """The policy node in a process of its own: `python -m cfgrl_ros.nodes.policy_node` or a given
     executable (the `cfgrl_node` console script), with a params file and `-p name:=value` overrides."""
 
     def __init__(self, log_path: str | os.PathLike, params_file: str | os.PathLike | None = None,
                  overrides: dict | None = None, env: dict | None = None, executable: list[str] | None = None,
                  remaps: dict[str, str] | None = None):
-        command = list(executable or [sys.executable, "-m", POLICY_NODE_MODULE]) + ["--ros-args"]
-        if params_file is not None:
-            command += ["--params-file", str(params_file)]
-        for name, value in (overrides or {}).items():
-            text = str(value).lower() if isinstance(value, bool) else str(value)
-            command += ["-p", f"{name}:={text}"]
+        ros_args = ["--params-file", str(params_file)] if params_file is not None else []
         for name, target in (remaps or {}).items():
-            command += ["-r", f"{name}:={target}"]
-        self.command = command
-        self.log_path = Path(log_path)
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def check_alive(self) -> None:
-        if self.process.poll() is not None:
-            tail = "\n".join(self.log().splitlines()[-30:])
-            raise RuntimeError(f"the policy node exited with code {self.process.returncode}:\n{tail}")
-
-    def rss_bytes(self) -> int:
-        """Resident memory of the node process (Linux /proc)."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("VmRSS not found")
-
-    def interrupt(self) -> None:
-        """SIGINT: the node deactivates (publishing its stale action) and exits."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-
-    def stop(self, timeout_s: float = 15.0) -> int:
-        """SIGINT, then SIGKILL of its process group after timeout_s; the exit code."""
-        self.interrupt()
-        try:
-            return self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.pid, signal.SIGKILL)
-            return self.process.wait(timeout_s)
+            ros_args += ["-r", f"{name}:={target}"]
+        super().__init__(POLICY_NODE_MODULE, overrides or {}, log_path, env, ros_args, executable)

@@ -28,36 +28,55 @@ def ros_arguments(parameters: dict) -> list[str]:
 
 class NodeProcess:
     def __init__(self, module: str, parameters: dict, log_path: str | os.PathLike, env: dict | None = None,
-                 ros_args: list[str] = ()):
-        """ros_args: more --ros-args arguments (e.g. --params-file PATH), before the parameters."""
+                 ros_args: list[str] = (), executable: list[str] | None = None):
+        """ros_args: more --ros-args arguments (e.g. --params-file PATH), before the parameters.
+        executable: the command instead of `python -m module` (e.g. the installed console script)."""
         self.module = module
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", module, "--ros-args", *ros_args, *ros_arguments(parameters)[1:]]
+        self.command = [*(executable or [sys.executable, "-m", module]), "--ros-args", *ros_args,
+                        *ros_arguments(parameters)[1:]]
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                             start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     @property
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
     def log_tail(self, lines: int = 30) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
+        return "\n".join(self.log().splitlines()[-lines:])
 
     def check_alive(self) -> None:
         if not self.alive:
             raise RuntimeError(f"{self.module} exited with code {self.process.returncode}:\n{self.log_tail()}")
 
-    def stop(self, timeout_s: float = 15.0) -> int | None:
-        """SIGINT, wait, then SIGKILL its process group; returns the exit code."""
+    def rss_bytes(self) -> int:
+        """Resident memory of the node process (Linux /proc)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("VmRSS not found")
+
+    def interrupt(self) -> None:
+        """SIGINT: the nodes shut down cleanly on it (the policy node publishes its stop action)."""
         if self.alive:
             self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
+
+    def stop(self, timeout_s: float = 15.0) -> int | None:
+        """SIGINT, wait, then SIGKILL its process group; returns the exit code."""
+        self.interrupt()
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
         if self.process.poll() is None or _group_alive(self.process.pid):
             try:
                 os.killpg(self.process.pid, signal.SIGKILL)
