@@ -25,6 +25,23 @@ POINTREACH = "pointreach"
 warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32.*")
 
 
+def seed_goal_setup(env, seed: int) -> None:
+    """Make an OGBench env's goal set-up reproducible from `seed`.
+
+    On a reset with a task, the manipulation envs move the arm with `self.action_space.sample()`,
+    but their `action_space` is a property that builds a new, unseeded Box on every access, so the
+    rendered goal image changes from run to run (measured: up to 79 levels). Give this env instance
+    one Box, seeded here before each reset (a per-instance subclass overriding the property).
+    """
+    unwrapped = env.unwrapped
+    if "_seeded_action_space" not in vars(unwrapped):
+        space = unwrapped.action_space
+        base = type(unwrapped)
+        unwrapped.__class__ = type(base.__name__, (base,), {"action_space": property(lambda self: self._seeded_action_space)})
+        unwrapped._seeded_action_space = space
+    unwrapped._seeded_action_space.seed(int(seed))
+
+
 class BadActionError(ValueError):
     """An action the sim refuses to apply: wrong length, NaN/inf, or outside the action bounds."""
 
@@ -88,12 +105,14 @@ class OGBenchSim:
 
     def reset(self, task_id: int, seed: int) -> EpisodeStart:
         check_task_id(task_id, self.num_tasks)
+        seed_goal_setup(self.env, seed)
         image, info = self.env.reset(seed=seed, options=dict(task_id=task_id, render_goal=True))
         if self._shadow_size:
             # The renderer exists only after the first reset; rebuild it with the smaller shadow map
             # (~1.5x faster on llvmpipe, mean pixel change 0.05/255) and redo this reset with it.
             self._apply_shadow_size(self._shadow_size)
             self._shadow_size = 0
+            seed_goal_setup(self.env, seed)
             image, info = self.env.reset(seed=seed, options=dict(task_id=task_id, render_goal=True))
         return EpisodeStart(image, info["goal_rendered"], np.asarray(info["goal"], np.float32), task_id, seed)
 

@@ -47,6 +47,7 @@ import torch
 from tqdm import tqdm
 
 from cfgrl_ros.engines import Engine, load_engine, to_numpy
+from cfgrl_ros.sim import seed_goal_setup
 from training.pointreach import NUM_TASKS as POINTREACH_TASKS
 from training.pointreach import PointReachBatch, PointReachConfig
 
@@ -90,8 +91,7 @@ class OGBenchBatch:
         observations, goals = [], []
         for index, task_id, seed in zip(indices, task_ids, seeds):
             env = self.envs[index]
-            # The goal set-up takes random steps with the action space's own generator: seed it too.
-            env.unwrapped.action_space.seed(int(seed))
+            seed_goal_setup(env, int(seed))  # the goal set-up's random arm moves, seeded too
             observation, info = env.reset(seed=int(seed), options=dict(task_id=int(task_id), render_goal=True))
             observations.append(observation)
             goals.append(np.asarray(info["goal"], dtype=self.goal_dtype))
