@@ -534,6 +534,16 @@ def test_deactivate_publishes_the_stop_then_image_trigger_acts_once_per_frame(ri
             assert actions_for_one_frame(probe, pixels) == 1
         report = report_where(probe, lambda d: d["trigger"] == "image", "an image-trigger report")
         assert report["state"] == "active"
+        # A frame that arrives before its goal is acted on when the goal comes, with no new frame.
+        probe.publish_goal_image(np.zeros((64, 64, 2), np.uint8))  # refused: the node drops its goal
+        report_where(probe, lambda d: d["inputs"] != "fresh", "the goal dropped")
+        stamp = probe.publish_camera(frames(16)[0])
+        start = len(probe.actions)
+        probe.spin_for(0.5)
+        assert not any(computed(m) for m in probe.actions_since(start)), "acted without a goal"
+        probe.publish_goal_image(frames(17)[0])
+        probe.wait_for_action(lambda m: m.image_stamp == stamp and computed(m), "an action for the waiting frame",
+                              timeout_s=5, start=start)
     finally:
         node.check_alive()
         transition(Transition.TRANSITION_DEACTIVATE)

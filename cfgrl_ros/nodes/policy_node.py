@@ -102,6 +102,7 @@ class PolicyNode(LifecycleNode):
         self.frames: Mailbox[Frame] = Mailbox()
         self.worker: InferenceWorker | None = None
         self._observation: Observation | None = None  # newest decoded frame; inference thread only
+        self._frame_unacted = False  # _observation has not produced an action yet; inference thread only
         self._goal: Goal | None = None
         self._last_action: np.ndarray | None = None
         self._inputs = Inputs.NO_GOAL
@@ -304,6 +305,7 @@ class PolicyNode(LifecycleNode):
         self._action_pub = self._diagnostics_pub = self._diagnostics_timer = None
         self._flow_steps_generation += 1  # a flow_steps preparation still running is dropped
         self._active, self._goal, self._observation, self._last_action = None, None, None, None
+        self._frame_unacted = False
         self._camera_arrival_s = self._goal_arrival_s = None
         self.frames.clear()
 
@@ -357,6 +359,8 @@ class PolicyNode(LifecycleNode):
         self._goal_arrival_s = self._now_s()
         self._goal = Goal(tensor.to(self.engine.device), self._goal_arrival_s)
         self.stats.goal_rate.tick()
+        if self._trigger == "image" and self.worker is not None:
+            self.worker.kick()  # a frame that came before its goal is acted on now, not at the next frame
 
     def _reject_goal(self, reason: str) -> None:
         # The previous goal is dropped too: after a bad goal the robot must not chase the old one.
@@ -379,7 +383,8 @@ class PolicyNode(LifecycleNode):
     def _control_step(self) -> bool:
         """One control tick; True when it ran an inference (the image trigger's rate cap counts those)."""
         frame = self.frames.take()
-        new_frame = frame is not None and self._accept_frame(frame)
+        if frame is not None:
+            self._frame_unacted = self._accept_frame(frame)
         goal, observation = self._goal, self._observation
         inputs = assess_inputs(self._now_s(), observation.arrival_s if observation else None,
                                goal.arrival_s if goal else None,
@@ -388,14 +393,15 @@ class PolicyNode(LifecycleNode):
         if inputs.stale:
             self._publish_stale()
             return False
-        if inputs is not Inputs.FRESH or (self._trigger == "image" and not new_frame):
+        if inputs is not Inputs.FRESH or (self._trigger == "image" and not self._frame_unacted):
             return False
         action, flow_steps, inference_ms = self._infer(observation.pixels, goal.tensor)
         self._last_action = action
         if self.param("enable_control"):
             self._publish(action, observation.stamp, flow_steps, inference_ms)
-            if new_frame:  # first action from this frame: its arrival-to-publish latency
+            if self._frame_unacted:  # first action from this frame: its arrival-to-publish latency
                 self.stats.latency_ms.add((time.monotonic() - observation.arrival_monotonic) * 1e3)
+        self._frame_unacted = False
         return True
 
     def _accept_frame(self, frame: Frame) -> bool:
