@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    # Both nodes run on this machine: keep DDS discovery on loopback unless the caller chose otherwise.
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     results = evaluate_through_ros(args.policy, args.env, args.w, episodes_per_task=args.episodes_per_task,
                                    tasks=args.tasks, seed=args.seed, flow_steps=args.flow_steps,
                                    max_steps=args.max_steps, shadow_size=args.shadow_size)
