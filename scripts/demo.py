@@ -22,6 +22,7 @@ on a 2-core CPU. A visual-cube policy of your own runs the same way:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Run directly (not through demo.sh): still loopback-only discovery and a domain of its own.
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    os.environ.setdefault("ROS_DOMAIN_ID", "37")
     if not Path(args.policy).is_file():
         print(f"demo: no policy checkpoint at {args.policy}; pass --policy PATH", file=sys.stderr)
         return 2
