@@ -219,3 +219,20 @@ def test_corrupt_checkpoints_give_clear_errors(tmp_path):
     save_file({"weight": torch.zeros(2)}, str(foreign))
     with pytest.raises(CheckpointError, match="not a cfgrl_ros checkpoint"):
         load_checkpoint(foreign)
+
+
+def test_core_imports_without_ros():
+    """The ROS-free core must import where rclpy and the ROS messages cannot (blocked here)."""
+    import subprocess
+    import sys
+
+    modules = ["cfgrl_ros.policy", "cfgrl_ros.sampler", "cfgrl_ros.checkpoint", "cfgrl_ros.engines",
+               "cfgrl_ros.image", "cfgrl_ros.control", "cfgrl_ros.sim", "training.data", "training.train",
+               "training.evaluate", "training.export", "training.generate_dataset", "training.reproduce"]
+    code = ("import sys\n"
+            "for name in ('rclpy', 'sensor_msgs', 'std_msgs', 'builtin_interfaces', 'cfgrl_ros.msg'):\n"
+            "    sys.modules[name] = None  # any import of them now raises ImportError\n"
+            f"for module in {modules!r}:\n"
+            "    __import__(module)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
