@@ -257,13 +257,7 @@ class FixedStepsSampler(nn.Module):
 
     def forward(self, observations: torch.Tensor, goals: torch.Tensor, w: torch.Tensor,
                 noise: torch.Tensor) -> torch.Tensor:
-        condition = self.sampler.encode(observations, goals)
-        actions, device = noise.to(condition.dtype), noise.device
-        dt = torch.tensor(1.0 / self.flow_steps, device=device)
-        for i in range(self.flow_steps):
-            t = torch.tensor(i / self.flow_steps, device=device)
-            actions = self.sampler.euler_step(condition, actions, t, dt, w)
-        return actions.clamp(-1.0, 1.0).float()
+        return self.sampler.integrate(observations, goals, w, noise, self.flow_steps).float()
 
 
 def artifact_path(artifacts_dir: str | Path, kind: str, flow_steps: int) -> Path:

@@ -57,6 +57,12 @@ class GuidedSampler(nn.Module):
     ) -> torch.Tensor:
         """Guided actions (B, action_dim) in [-1, 1] from uint8 observations, goals, w (B,) and noise."""
         check_sampler_inputs(observations, goals, w, noise, flow_steps, self.action_dim)
+        return self.integrate(observations, goals, w, noise, flow_steps)
+
+    def integrate(
+        self, observations: torch.Tensor, goals: torch.Tensor, w: torch.Tensor, noise: torch.Tensor, flow_steps: int
+    ) -> torch.Tensor:
+        """`forward` without the input checks, for tracing (torch.export, ONNX) with a dynamic batch."""
         condition = self.encode(observations, goals)
         actions = noise.to(condition.dtype)
         dt = torch.tensor(1.0 / flow_steps, device=noise.device)
