@@ -47,14 +47,15 @@ class Checkpoint:
 
 
 def code_version() -> str:
-    """Package version plus the git commit of the source tree when there is one."""
+    """Package version plus the git commit of the source tree; where no .git travelled with the source (the
+    lent GPU machine), CFGRL_CODE_VERSION as the caller set it."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
             capture_output=True, text=True, timeout=5, check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        commit = ""
+        return os.environ.get("CFGRL_CODE_VERSION") or cfgrl_ros.__version__
     return f"{cfgrl_ros.__version__}+{commit}" if commit else cfgrl_ros.__version__
 
 
@@ -98,6 +99,20 @@ def save_checkpoint(
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return path
+
+
+# What save_checkpoint writes itself; everything else in the metadata is the caller's.
+_OWN_METADATA = ("format", "config", "goal_mode", "dataset_fingerprint", "code_version", "step", "sha256")
+
+
+def save_fp16_copy(checkpoint: Checkpoint, path: str | os.PathLike) -> Path:
+    """The policy alone (no optimizer state), floats stored as float16: the few-MB form that is shipped as
+    cfgrl_ros/data/default_policy.safetensors. It loads as float32 like any checkpoint; the metadata is kept,
+    but for the code version, which becomes the running one's."""
+    metadata = checkpoint.metadata
+    return save_checkpoint(path, checkpoint.policy, dataset_fingerprint=metadata.get("dataset_fingerprint", ""),
+                           step=checkpoint.step, dtype=torch.float16,
+                           extra_metadata={k: v for k, v in metadata.items() if k not in _OWN_METADATA})
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:

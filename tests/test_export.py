@@ -117,3 +117,24 @@ def test_tensorrt_program_is_saved_with_its_cache_key(tmp_path):
     key = json.loads(written["tensorrt"].with_name(written["tensorrt"].name + ".json").read_text())
     assert key["precision"] == "fp16" and key["flow_steps"] == FLOW_STEPS
     assert {"tensorrt", "torch_tensorrt", "gpu", "compute_capability", "model_sha256", "shapes"} <= set(key)
+
+
+def test_fp16_checkpoint_keeps_the_policy_and_its_metadata_at_a_third_of_the_size(tmp_path):
+    torch.manual_seed(0)
+    policy = CFGRLPolicy(tiny_config("oracle"))
+    optimizer_state = {"exp_avg": torch.randn(1000, 100)}  # what a training checkpoint carries beside the policy
+    source = save_checkpoint(tmp_path / "ckpt.safetensors", policy, dataset_fingerprint="abc", step=7,
+                             train_state=optimizer_state, extra_metadata={"train_config": '{"steps": 7}'})
+    assert main([str(source), "--out", str(tmp_path / "out"), "--formats", "fp16"]) == 0
+    path = tmp_path / "out" / "policy_fp16.safetensors"
+    compact, original = load_checkpoint(path), load_checkpoint(source)
+    assert path.stat().st_size < source.stat().st_size / 3
+    assert compact.train_state == {}
+    assert {k: compact.metadata[k] for k in ("dataset_fingerprint", "step", "train_config", "goal_mode")} == \
+        {"dataset_fingerprint": "abc", "step": "7", "train_config": '{"steps": 7}', "goal_mode": "oracle"}
+    for name, weight in original.policy.state_dict().items():
+        loaded = compact.policy.state_dict()[name]
+        assert loaded.dtype == weight.dtype  # float32 again once loaded
+        torch.testing.assert_close(loaded, weight.half().to(weight.dtype), rtol=0, atol=0)
+    inputs = guided_inputs(original.config, 4)
+    torch.testing.assert_close(eager(path, inputs), eager(source, inputs), rtol=0, atol=5e-3)

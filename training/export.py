@@ -10,7 +10,9 @@ dimension is dynamic.
 
 Formats: pt2 (torch.export program, what torch-tensorrt compiles), onnx (checked against PyTorch
 with onnxruntime before it is kept), tensorrt (fp16, with its cache key; needs torch-tensorrt and
-a CUDA GPU, skipped with the reason otherwise unless asked for explicitly).
+a CUDA GPU, skipped with the reason otherwise unless asked for explicitly), fp16 (not a sampler but
+the checkpoint itself, weights in float16 and no optimizer state: policy_fp16.safetensors, a few MB,
+the form cfgrl_ros/data/ ships; it loads like any checkpoint).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cfgrl_ros.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from cfgrl_ros.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_fp16_copy
 from cfgrl_ros.engines import (
     INPUT_NAMES,
     EngineUnavailable,
@@ -42,7 +44,8 @@ from cfgrl_ros.sampler import GuidedSampler
 
 log = logging.getLogger("cfgrl-export")
 
-FORMATS = ("pt2", "onnx", "tensorrt")
+FORMATS = ("pt2", "onnx", "tensorrt", "fp16")
+FP16_CHECKPOINT = "policy_fp16.safetensors"
 ONNX_TOLERANCE = 1e-4  # max abs difference of fp32 actions, ONNX Runtime vs eager PyTorch
 
 
@@ -64,6 +67,10 @@ def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path | None = 
     sampler = GuidedSampler(checkpoint.policy.cpu().eval())
     program, written = None, {}
     for kind in tqdm(formats, desc="export", unit="artifact"):
+        if kind == "fp16":  # the checkpoint, not a sampler: no flow_steps, no sidecar
+            written[kind] = save_fp16_copy(checkpoint, out_dir / FP16_CHECKPOINT)
+            log.info("wrote the fp16 checkpoint %s", written[kind])
+            continue
         path = artifact_path(out_dir, kind, flow_steps)
         log.info("exporting %s -> %s", kind, path)
         if kind in ("pt2", "onnx") and program is None:
