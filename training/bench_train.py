@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--goal-mode", choices=["oracle", "image"], default="oracle")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile the loss")
+    parser.add_argument("--out", help="also write the Markdown here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
 
@@ -93,14 +94,17 @@ def main(argv: list[str] | None = None) -> None:
 
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"\nmachine: {machine}; torch {torch.__version__}; batch {args.batch_size}; goal mode {args.goal_mode}; "
-          f"{args.rows} rows; compile={args.compile}\n")
-    print("| what | steps/s (from median) | median ms | p99 ms |")
-    print("|---|---|---|---|")
+    lines = [f"machine: {machine}; torch {torch.__version__}; batch {args.batch_size}; goal mode {args.goal_mode}; "
+             f"{args.rows} rows; compile={args.compile}", "",
+             "| what | steps/s (from median) | median ms | p99 ms |", "|---|---|---|---|"]
     for name, durations in results.items():
         median = statistics.median(durations)
         p99 = float(np.percentile(durations, 99))
-        print(f"| {name} | {1 / median:.1f} | {median * 1e3:.1f} | {p99 * 1e3:.1f} |")
+        lines.append(f"| {name} | {1 / median:.1f} | {median * 1e3:.1f} | {p99 * 1e3:.1f} |")
+    report = "\n".join(lines)
+    print(f"\n{report}")
+    if args.out:
+        Path(args.out).write_text(report + "\n")
 
 
 if __name__ == "__main__":
