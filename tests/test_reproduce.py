@@ -184,7 +184,7 @@ def test_image_goals_share_the_dataset(smoke_run, tmp_path):
 
 
 def test_the_named_scales():
-    scales = {name: reproduce.load_scale(name) for name in ("paper", "gpu-1h", "smoke")}
+    scales = {name: reproduce.load_scale(name) for name in ("paper", "gpu-1h", "device-10min", "smoke")}
     paper = scales["paper"]
     assert (paper.dataset["num_episodes"], paper.dataset["episode_length"]) == (1000, 1001)
     assert (paper.training["steps"], paper.training["batch_size"]) == (500_000, 256)
@@ -194,7 +194,7 @@ def test_the_named_scales():
         plan = reproduce.Plan("visual-cube-single", "oracle", scale, Path("/tmp/x"), Path("/tmp/x/data"), "cpu")
         plan.generation_config()  # valid settings
         plan.train_config()
-    assert set(reproduce.available_scales()) >= {"paper", "gpu-1h", "smoke"}
+    assert set(reproduce.available_scales()) >= {"paper", "gpu-1h", "device-10min", "smoke"}
 
 
 def test_bad_scales_are_refused_with_a_reason(tmp_path):

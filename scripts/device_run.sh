@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# The GPU checks, as one prepared script for the lent GPU machine (H100/H200, Python 3.12 with torch,
+# no network), which a task gets for 15 minutes in all. Build the kit here first
+# (`bash scripts/device_kit.sh`), then call the device tool's run with
+#   command: CFGRL_CODE_VERSION=0.1.0+<commit> bash scripts/device_run.sh headline   (or check)
+#   carry:   [".devkit/site-py312.tar.gz", ".devkit/gl"]
+#   timeout_s: 590
+# docs/gpu.md says what each part measures, how long it takes and what to do with the results.
+# Parts:
+#   check     the CUDA tests that skip on CPU machines; dataset generation throughput (issue 3);
+#             training steps/s; engine latency (cuda_graph vs eager)
+#   headline  `training.reproduce` at the device-10min scale (issue 7): generate, train, evaluate w in
+#             {0, 1, 1.5, 2, 3, 4}, report; the checkpoint comes back in fp16
+# Every step has its own time limit, none runs past DEVICE_DEADLINE_S (570 s, inside the call's 590),
+# and the script goes on after a failed one, most important first. What comes back in
+# $OUT (at most 8 files): device.log (everything), figures.md (the measured figures), and for the
+# headline report.md, success_vs_w.png, comparison.json and policy-fp16.safetensors. The headline's
+# work stays under runs/device/ on the machine while it is warm: the same call again resumes it.
+# Outside the device tool (no $OUT) it writes to runs/device-out/ and still needs a CUDA GPU.
+set -uo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT" || exit 1
+OUT="${OUT:-$REPO_ROOT/runs/device-out}"
+mkdir -p "$OUT"
+LOG="$OUT/device.log"
+FIGURES="$OUT/figures.md"
+PYTHON="${PYTHON:-python3}"
+SITE=/tmp/cfgrl-site
+RUN_START=$SECONDS
+DEADLINE_S="${DEVICE_DEADLINE_S:-570}"
+
+log() { printf '[device %4ds] %s\n' "$((SECONDS - RUN_START))" "$*" | tee -a "$LOG" >&2; }
+figure() { printf '%s\n' "$*" >>"$FIGURES"; }
+
+# step NAME LIMIT_S CMD...: runs CMD with a time limit (cut to what is left before the deadline), its
+# output into the log; records the outcome.
+step() {
+  local name="$1" limit="$2" start=$SECONDS rc left
+  shift 2
+  left=$((DEADLINE_S - (SECONDS - RUN_START)))
+  if ((left < 20)); then
+    log "$name: skipped, ${left} s left before the deadline"
+    figure "- step \`$name\`: skipped (deadline)"
+    return 1
+  fi
+  ((limit > left)) && limit=$left
+  log "$name: start (limit ${limit} s): $*"
+  timeout --signal=INT --kill-after=20 "$limit" "$@" >>"$LOG" 2>&1
+  rc=$?
+  case $rc in
+    0) log "$name: ok in $((SECONDS - start)) s" ;;
+    124 | 137) log "$name: TIMED OUT after $((SECONDS - start)) s" ;;
+    *) log "$name: FAILED (exit $rc) after $((SECONDS - start)) s" ;;
+  esac
+  figure "- step \`$name\`: exit $rc, $((SECONDS - start)) s"
+  return $rc
+}
+
+prepare() {
+  local deb
+  [[ -f .devkit/site-py312.tar.gz ]] || { log "no .devkit/: run scripts/device_kit.sh here and carry it"; exit 2; }
+  for deb in .devkit/gl/*.deb; do dpkg -x "$deb" /; done
+  ldconfig
+  rm -rf "$SITE" && mkdir -p "$SITE" && tar -xzf .devkit/site-py312.tar.gz -C "$SITE"
+  export PYTHONPATH="$SITE:$REPO_ROOT" MUJOCO_GL=egl PYTHONUNBUFFERED=1 TQDM_MININTERVAL=15
+  local vendor=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
+  [[ -f $vendor ]] && export __EGL_VENDOR_LIBRARY_FILENAMES="$vendor"
+  # No .git travels: the checkpoints' code version comes from the caller's commit, if given.
+  export CFGRL_CODE_VERSION="${CFGRL_CODE_VERSION:-0.1.0+device}"
+  {
+    echo "# Device run $(date -u +%FT%TZ), code $CFGRL_CODE_VERSION"
+    echo
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/- GPU: /'
+    echo "- CPU: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)"
+  } >>"$FIGURES"
+  # MuJoCo must render through the NVIDIA driver: a software renderer would make every figure wrong.
+  "$PYTHON" - >>"$FIGURES" 2>>"$LOG" <<'EOF' || { log "EGL check failed: see device.log"; return 1; }
+import mujoco, torch
+from OpenGL import GL
+context = mujoco.GLContext(64, 64)
+context.make_current()
+renderer = GL.glGetString(GL.GL_RENDERER).decode()
+print(f"- python {__import__('sys').version.split()[0]}, torch {torch.__version__}, mujoco {mujoco.__version__}")
+print(f"- MuJoCo EGL renderer: {renderer}")
+context.free()
+if "llvmpipe" in renderer.lower() or "software" in renderer.lower():
+    raise SystemExit(f"EGL gave a software renderer ({renderer}), not the GPU")
+EOF
+}
+
+check_tests() {
+  # The tests that skip without a GPU (TensorRT ones skip here too: it cannot be installed).
+  step tests 150 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_engines.py tests/test_data.py \
+    tests/test_export.py -k "cuda or tensorrt"
+}
+
+check_generation() {
+  # Issue 3's figure: 1001-step cube-single play episodes, 16 processes, 3 shards each.
+  local run mode shadow episodes dir
+  for run in "replay 4096 48" "replay 1024 48" "env 4096 16"; do
+    read -r mode shadow episodes <<<"$run"
+    dir="/tmp/gen-$mode-$shadow"
+    rm -rf "$dir"
+    step "generate-$mode-shadow$shadow" 150 "$PYTHON" -m training.generate_dataset --env cube-single \
+      --variant play --num-episodes "$episodes" --num-val-episodes 0 --shard-episodes 1 --workers 16 \
+      --render-mode "$mode" --render-tiles 16 --shadow-size "$shadow" --out-dir "$dir"
+    grep -h '^wrote ' "$LOG" | tail -n 1 | sed "s/^/- generate $mode shadow $shadow: /" >>"$FIGURES"
+    rm -rf "$dir"
+  done
+  step render-fidelity 90 "$PYTHON" -m training.bench_render --frames 200 --out "$OUT/render.md" &&
+    cat "$OUT/render.md" >>"$FIGURES" && rm -f "$OUT/render.md"
+}
+
+check_training() {
+  local goal_mode
+  for goal_mode in oracle image; do
+    step "train-$goal_mode" 120 "$PYTHON" -m training.bench_train --device cuda --rows 100000 --steps 300 \
+      --goal-mode "$goal_mode" --out "$OUT/train.md" && cat "$OUT/train.md" >>"$FIGURES"
+    rm -f "$OUT/train.md"
+  done
+}
+
+check_engines() {
+  step engines 180 "$PYTHON" -m training.benchmark --device cuda --engines torch,cuda_graph,tensorrt \
+    --iterations 300 --min-seconds 1 --workdir /tmp/bench --out "$OUT/engines.md" &&
+    cat "$OUT/engines.md" >>"$FIGURES"
+  rm -f "$OUT/engines.md"
+}
+
+headline() {
+  local run=runs/device/visual-cube-single-oracle report
+  step headline 540 "$PYTHON" -m training.reproduce --task visual-cube-single --goal-mode oracle \
+    --scale device-10min --out "$run" --workers 16 --device cuda
+  report="$run/report"
+  [[ -f $report/report.md ]] || { log "headline: no report (yet); the same call again resumes"; return 1; }
+  cp "$report/report.md" "$report/success_vs_w.png" "$report/comparison.json" "$OUT/" 2>>"$LOG"
+  step export-fp16 120 "$PYTHON" -m training.export "$run/train/checkpoint.safetensors" --formats fp16 \
+    --out /tmp/cfgrl-fp16 && cp /tmp/cfgrl-fp16/policy_fp16.safetensors "$OUT/policy-fp16.safetensors"
+  sed -n '1,40p' "$OUT/report.md" >>"$FIGURES"
+}
+
+main() {
+  local part="${1:-check}"
+  case "$part" in check | headline) ;; *) echo "usage: $0 check|headline" >&2; exit 2 ;; esac
+  : >"$LOG"; : >"$FIGURES"
+  prepare || exit 1
+  if [[ $part == check ]]; then
+    check_generation
+    check_tests
+    check_training
+    check_engines
+  else
+    headline
+  fi
+  log "done in $((SECONDS - RUN_START)) s; figures in $FIGURES"
+  cat "$FIGURES"
+}
+
+main "$@"
