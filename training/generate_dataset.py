@@ -478,6 +478,11 @@ class ShardCollector:
             report(len(chunk))
         return images
 
+    def close(self) -> None:
+        if self.renderer is not None:
+            self.renderer.close()
+        self.env.close()
+
     def _finish(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Add terminals and oracle goals; cast to OGBench's dtypes; order as the schema."""
         length = self.cfg.episode_length
