@@ -7,8 +7,9 @@ OGBench's file format (`<name>.npz`, `<name>-val.npz`) plus `oracle_reps` for `-
 
 Workers write one shard per chunk of episodes (atomically), so an interrupted run resumes where it
 stopped; a shard's seed depends only on (seed, shard index), so the output is byte-identical for a seed
-whatever the worker count or interruptions. Shards are then streamed into the two standard files and
-validated.
+whatever the worker count or interruptions. Shards are streamed into the two standard files, which are
+then validated. The merge runs in a thread of the parent while the workers still produce, taking each
+shard as soon as it and those before it exist, so it need not follow production (~4,400 rows/s on one core).
 
 Rendering (`--render-mode`): 'env' renders each step inside the env, as OGBench does. 'replay' rolls
 out physics only, records what the env's renderer would have drawn (kinematic qpos, mocap poses, model
@@ -24,6 +25,7 @@ import math
 import os
 import queue
 import sys
+import threading
 import time
 import warnings
 import zipfile
@@ -93,7 +95,7 @@ class GenerationConfig:
     seed: int = 0
     shadow_size: int = 4096
     render_mode: str = 'env'
-    render_tiles: int = 16  # replay: frames per GL readback = render_tiles**2; 1 is bit-identical to 'env'
+    render_tiles: int = 16  # replay: frames per GL readback = render_tiles**2; any value matches 'env' exactly
     shard_episodes: int = 10
 
     def __post_init__(self):
@@ -300,20 +302,28 @@ class FrameRecorder:
 
 
 class BatchRenderer:
-    """Renders frames into the tiles of one offscreen atlas: one GL readback per batch instead of per frame."""
+    """Renders frames one by one where the env draws them, copies each into a tile of an offscreen atlas, and
+    reads the atlas back once per batch instead of once per frame.
+
+    Every frame is drawn at the buffer's origin, as the env's renderer draws it: drawing straight into tiles
+    away from the origin changed pixels (with llvmpipe: up to 45 levels, growing with the tile's distance).
+    The copy is a sample-for-sample blit inside the multisampled buffer, so the images stay the env's own.
+    Layout: row 0 of 64-pixel rows is where frames are drawn, rows 1..tiles hold the tiles.
+    """
 
     def __init__(self, model, shadow_size: int, tiles_per_side: int, camera: str = CAMERA):
         import mujoco
+        from OpenGL import GL  # PyOpenGL, a MuJoCo dependency; the blit has no MuJoCo API
 
-        self._mj = mujoco
+        self._mj, self._gl_api = mujoco, GL
         self.model = copy.deepcopy(model)  # its colours are overwritten per frame; the env's model stays intact
         self.tiles = tiles_per_side
-        atlas = FRAME_SIZE * tiles_per_side
-        self.model.vis.global_.offwidth = atlas
-        self.model.vis.global_.offheight = atlas
+        width, height = FRAME_SIZE * tiles_per_side, FRAME_SIZE * (tiles_per_side + 1)
+        self.model.vis.global_.offwidth = width
+        self.model.vis.global_.offheight = height
         self.model.vis.quality.shadowsize = shadow_size
         self.data = mujoco.MjData(self.model)
-        self._gl = mujoco.GLContext(atlas, atlas)
+        self._gl = mujoco.GLContext(width, height)
         self._gl.make_current()
         self._context = mujoco.MjrContext(self.model, mujoco.mjtFontScale.mjFONTSCALE_150)
         mujoco.mjr_setBuffer(mujoco.mjtFramebuffer.mjFB_OFFSCREEN, self._context)
@@ -322,7 +332,7 @@ class BatchRenderer:
         self._camera = mujoco.MjvCamera()
         self._camera.type = mujoco.mjtCamera.mjCAMERA_FIXED
         self._camera.fixedcamid = self.model.camera(camera).id
-        self._atlas = np.empty((atlas, atlas, 3), dtype=np.uint8)
+        self._atlas = np.empty((height - FRAME_SIZE, width, 3), dtype=np.uint8)
         self._visuals = None
 
     @property
@@ -333,22 +343,35 @@ class BatchRenderer:
         """Render up to batch_size frames into out (n, 64, 64, 3)."""
         mj = self._mj
         self._gl.make_current()
+        origin = mj.MjrRect(0, 0, FRAME_SIZE, FRAME_SIZE)
         for k, frame in enumerate(frames):
             self._apply(frame)
-            row, col = divmod(k, self.tiles)
-            viewport = mj.MjrRect(col * FRAME_SIZE, row * FRAME_SIZE, FRAME_SIZE, FRAME_SIZE)
             mj.mjv_updateScene(
                 self.model, self.data, self._option, None, self._camera, mj.mjtCatBit.mjCAT_ALL, self._scene
             )
-            mj.mjr_render(viewport, self._scene, self._context)
+            mj.mjr_render(origin, self._scene, self._context)
+            self._copy_to_tile(k)
         rows_used = math.ceil(len(frames) / self.tiles)
-        height = rows_used * FRAME_SIZE
-        region = self._atlas[:height]
-        mj.mjr_readPixels(region, None, mj.MjrRect(0, 0, self.tiles * FRAME_SIZE, height), self._context)
+        region = self._atlas[: rows_used * FRAME_SIZE]
+        rect = mj.MjrRect(0, FRAME_SIZE, self.tiles * FRAME_SIZE, rows_used * FRAME_SIZE)
+        mj.mjr_readPixels(region, None, rect, self._context)
         for k in range(len(frames)):  # GL rows run bottom-up
             row, col = divmod(k, self.tiles)
             tile = region[row * FRAME_SIZE : (row + 1) * FRAME_SIZE, col * FRAME_SIZE : (col + 1) * FRAME_SIZE]
             out[k] = tile[::-1]
+
+    def _copy_to_tile(self, k: int) -> None:
+        """Blit the frame just drawn at the origin into tile k (all samples; the scissor box would clip it)."""
+        GL = self._gl_api
+        row, col = divmod(k, self.tiles)
+        x, y = col * FRAME_SIZE, (row + 1) * FRAME_SIZE
+        while GL.glGetError() != GL.GL_NO_ERROR:  # MuJoCo's drawing leaves GL_INVALID_VALUE set; PyOpenGL
+            pass  # would pin it on our next call. Errors of the calls below still raise.
+        GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, self._context.offFBO)
+        GL.glBindFramebuffer(GL.GL_DRAW_FRAMEBUFFER, self._context.offFBO)
+        GL.glDisable(GL.GL_SCISSOR_TEST)
+        GL.glBlitFramebuffer(0, 0, FRAME_SIZE, FRAME_SIZE, x, y, x + FRAME_SIZE, y + FRAME_SIZE,
+                             GL.GL_COLOR_BUFFER_BIT, GL.GL_NEAREST)
 
     def _apply(self, frame: FrameState) -> None:
         if frame.visuals is not self._visuals:
@@ -603,6 +626,17 @@ def write_npz_streaming(
 ) -> None:
     """Write an np.load-compatible compressed npz whose arrays arrive in chunks (never whole in memory)."""
     tmp = path.with_name(f'{path.name}.tmp-{os.getpid()}')
+    try:
+        _write_npz_entries(tmp, entries)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def _write_npz_entries(
+    tmp: Path, entries: dict[str, tuple[tuple[int, ...], np.dtype, Callable[[], Iterable[np.ndarray]]]]
+) -> None:
     with zipfile.ZipFile(tmp, 'w', allowZip64=True) as archive:
         for key, (shape, dtype, chunks) in entries.items():
             info = zipfile.ZipInfo(f'{key}.npy', date_time=ZIP_DATE)
@@ -619,7 +653,6 @@ def write_npz_streaming(
                     written += len(chunk)
                 if written != shape[0]:
                     raise GenerationError(f'{key}: wrote {written} rows, header says {shape[0]}')
-    os.replace(tmp, path)
 
 
 def read_npz_header(archive: zipfile.ZipFile, key: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -655,8 +688,15 @@ def iter_npz_rows(archive: zipfile.ZipFile, key: str, rows_per_chunk: int = 4096
             raise DatasetValidationError(f'{key}: data continues past the {shape[0]} rows in its header')
 
 
-def merge_shards(cfg: GenerationConfig, shards: list[Shard], shard_dir: Path, out_path: Path) -> None:
-    """Stream the shards' arrays, key by key, into one OGBench-format file."""
+def merge_shards(
+    cfg: GenerationConfig,
+    shards: list[Shard],
+    shard_dir: Path,
+    out_path: Path,
+    wait_for: Callable[[Path], None] | None = None,
+) -> None:
+    """Stream the shards' arrays, key by key, into one OGBench-format file; wait_for(path), if given, returns
+    once that shard exists (shards appear atomically, so an existing one is complete)."""
     schema = dataset_schema(cfg)
     num_rows = sum(s.num_episodes for s in shards) * cfg.episode_length
 
@@ -664,6 +704,8 @@ def merge_shards(cfg: GenerationConfig, shards: list[Shard], shard_dir: Path, ou
         def chunks():
             for shard in shards:
                 path = shard_dir / shard.filename
+                if wait_for is not None:
+                    wait_for(path)
                 try:
                     with np.load(path) as npz:
                         yield npz[key]
@@ -674,6 +716,50 @@ def merge_shards(cfg: GenerationConfig, shards: list[Shard], shard_dir: Path, ou
 
     entries = {key: ((num_rows, *row_shape), dtype, chunks_of(key)) for key, (row_shape, dtype) in schema.items()}
     write_npz_streaming(out_path, entries)
+
+
+class MergeStopped(GenerationError):
+    """The background merge was told to stop because production failed or was interrupted."""
+
+
+class BackgroundMerge:
+    """merge_shards in a thread, started before the shards exist: production and merging overlap.
+
+    Used as a context manager around production. Leaving it normally means production is over: a shard that
+    is still missing then is an error, not something to wait for. Leaving it by an exception stops the merge
+    (its temporary file is removed). Either way it waits for the thread and re-raises the merge's own error.
+    """
+
+    POLL_S = 0.2
+
+    def __init__(self, cfg: GenerationConfig, shards: list[Shard], shard_dir: Path, out_path: Path):
+        self._produced, self._stop = threading.Event(), threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(cfg, shards, shard_dir, out_path),
+                                        name=f'merge {out_path.name}', daemon=True)
+
+    def __enter__(self) -> 'BackgroundMerge':
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        (self._produced if exc_type is None else self._stop).set()
+        self._thread.join()
+        if exc_type is None and self._error is not None:
+            raise self._error
+
+    def _run(self, cfg: GenerationConfig, shards: list[Shard], shard_dir: Path, out_path: Path) -> None:
+        try:
+            merge_shards(cfg, shards, shard_dir, out_path, wait_for=self._wait_for)
+        except BaseException as err:  # handed to the main thread by __exit__
+            self._error = err
+
+    def _wait_for(self, path: Path) -> None:
+        while not path.exists():
+            if self._produced.is_set() and not path.exists():
+                raise CorruptShardError(f'shard {path} is missing after production finished')
+            if self._stop.wait(self.POLL_S):
+                raise MergeStopped(f'merge into {path.parent} stopped: production did not finish')
 
 
 def validate_dataset(path: Path, cfg: GenerationConfig, num_episodes: int) -> None:
@@ -819,12 +905,13 @@ def _produce_and_merge(cfg: GenerationConfig, out_dir: Path, workers: int, keep_
     todo = pending_shards(cfg, shards, shard_dir)
     if len(todo) < len(shards):
         print(f'resuming: {len(shards) - len(todo)} of {len(shards)} shards already done')
-    retries = produce_shards(cfg, todo, shard_dir, workers) if todo else 0
-    produced_seconds = time.time() - start
-
-    for path, split, num_episodes in ((train_path, 'train', cfg.num_episodes), (val_path, 'val', cfg.num_val_episodes)):
-        split_shards = [s for s in shards if s.split == split]
-        merge_shards(cfg, split_shards, shard_dir, path)
+    splits = ((train_path, 'train', cfg.num_episodes), (val_path, 'val', cfg.num_val_episodes))
+    with contextlib.ExitStack() as merges:  # each split merges while its shards are still being produced
+        for path, split, _ in splits:
+            merges.enter_context(BackgroundMerge(cfg, [s for s in shards if s.split == split], shard_dir, path))
+        retries = produce_shards(cfg, todo, shard_dir, workers) if todo else 0
+        produced_seconds = time.time() - start
+    for path, _, num_episodes in splits:
         validate_dataset(path, cfg, num_episodes)
 
     transitions = sum(s.num_episodes for s in todo) * cfg.episode_length
@@ -861,8 +948,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         '--render-tiles',
         type=int,
         default=16,
-        help='replay: render N*N frames per GL readback; 1 reproduces env mode bit for bit, N>1 differs by '
-        'rasterisation round-off at a few edge pixels (see docs/benchmarks.md)',
+        help='replay: read back N*N frames per GL readback (each is drawn where the env draws it, then copied '
+        'into its tile: the frames are the env\'s own for any N)',
     )
     parser.add_argument('--shard-episodes', type=int, default=10, help='episodes per shard (the unit of resuming)')
     parser.add_argument('--preview', type=Path, default=None, help='write a PNG grid of frames and goals here')
