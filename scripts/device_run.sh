@@ -104,8 +104,8 @@ check_generation() {
     rm -rf "$dir"
     step "generate-$mode-shadow$shadow" 150 "$PYTHON" -m training.generate_dataset --env cube-single \
       --variant play --num-episodes "$episodes" --num-val-episodes 0 --shard-episodes 1 --workers 16 \
-      --render-mode "$mode" --render-tiles 16 --shadow-size "$shadow" --out-dir "$dir"
-    grep -h '^wrote ' "$LOG" | tail -n 1 | sed "s/^/- generate $mode shadow $shadow: /" >>"$FIGURES"
+      --render-mode "$mode" --render-tiles 16 --shadow-size "$shadow" --out-dir "$dir" &&
+      grep -h '^wrote ' "$LOG" | tail -n 1 | sed "s/^/- generate $mode shadow $shadow: /" >>"$FIGURES"
     rm -rf "$dir"
   done
   step render-fidelity 90 "$PYTHON" -m training.bench_render --frames 200 --out "$OUT/render.md" &&
