@@ -17,6 +17,8 @@
 # headline report.md, success_vs_w.png, comparison.json and policy-fp16.safetensors. The headline's
 # work stays under runs/device/ on the machine while it is warm: the same call again resumes it.
 # Outside the device tool (no $OUT) it writes to runs/device-out/ and still needs a CUDA GPU.
+# DEVICE_REHEARSAL=1 runs `headline` on a CPU machine instead, with the project's venv as it is (no
+# kit), the smoke scale and the CPU: the script's own plumbing, tested in tests/test_device_run.py.
 set -uo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,6 +31,8 @@ PYTHON="${PYTHON:-python3}"
 SITE=/tmp/cfgrl-site
 RUN_START=$SECONDS
 DEADLINE_S="${DEVICE_DEADLINE_S:-570}"
+RUN_DIR="${DEVICE_RUN_DIR:-runs/device}"
+REHEARSAL="${DEVICE_REHEARSAL:-0}"
 
 log() { printf '[device %4ds] %s\n' "$((SECONDS - RUN_START))" "$*" | tee -a "$LOG" >&2; }
 figure() { printf '%s\n' "$*" >>"$FIGURES"; }
@@ -55,6 +59,11 @@ step() {
   esac
   figure "- step \`$name\`: exit $rc, $((SECONDS - start)) s"
   return $rc
+}
+
+prepare_rehearsal() {
+  export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" MUJOCO_GL="${MUJOCO_GL:-egl}" PYTHONUNBUFFERED=1
+  figure "# Rehearsal $(date -u +%FT%TZ) on $(nproc) CPU cores: smoke scale, no GPU, no kit"
 }
 
 prepare() {
@@ -129,9 +138,11 @@ check_engines() {
 }
 
 headline() {
-  local run=runs/device/visual-cube-single-oracle report
+  local run="$RUN_DIR/visual-cube-single-oracle" report
+  local settings=(--scale device-10min --workers 16 --device cuda)
+  ((REHEARSAL)) && settings=(--scale smoke --device cpu)
   step headline 540 "$PYTHON" -m training.reproduce --task visual-cube-single --goal-mode oracle \
-    --scale device-10min --out "$run" --workers 16 --device cuda
+    --out "$run" "${settings[@]}"
   report="$run/report"
   [[ -f $report/report.md ]] || { log "headline: no report (yet); the same call again resumes"; return 1; }
   cp "$report/report.md" "$report/success_vs_w.png" "$report/comparison.json" "$OUT/" 2>>"$LOG"
@@ -144,7 +155,12 @@ main() {
   local part="${1:-check}"
   case "$part" in check | headline) ;; *) echo "usage: $0 check|headline" >&2; exit 2 ;; esac
   : >"$LOG"; : >"$FIGURES"
-  prepare || exit 1
+  if ((REHEARSAL)); then
+    [[ $part == headline ]] || { echo "$0: a rehearsal runs headline only; check needs the GPU" >&2; exit 2; }
+    prepare_rehearsal
+  else
+    prepare || exit 1
+  fi
   if [[ $part == check ]]; then
     check_generation
     check_tests
