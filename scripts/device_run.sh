@@ -148,7 +148,6 @@ headline() {
   cp "$report/report.md" "$report/success_vs_w.png" "$report/comparison.json" "$OUT/" 2>>"$LOG"
   step export-fp16 120 "$PYTHON" -m training.export "$run/train/checkpoint.safetensors" --formats fp16 \
     --out /tmp/cfgrl-fp16 && cp /tmp/cfgrl-fp16/policy_fp16.safetensors "$OUT/policy-fp16.safetensors"
-  sed -n '1,40p' "$OUT/report.md" >>"$FIGURES"
 }
 
 main() {
