@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from training import dataset_files as files
 from training import generate_dataset as gen
 from training.oracle_goals import OracleGoalError, oracle_goal_dim, oracle_goals
 
@@ -108,11 +109,12 @@ def test_corrupt_shard_is_detected_named_and_regenerated(reference, tmp_path):
     damaged[len(damaged) // 2] ^= 0xFF  # inside the compressed observations
     flipped.write_bytes(bytes(damaged))
 
+    layout = gen.file_layout(TINY)
     for shard, path in ((shards[1], truncated), (shards[2], flipped)):
-        with pytest.raises(gen.CorruptShardError, match=shard.filename):
-            gen.load_shard(path, TINY, shard)
-    with pytest.raises(gen.CorruptShardError, match=shards[1].filename):
-        gen.merge_shards(TINY, shards[:2], shard_dir, tmp_path / 'merged.npz')
+        with pytest.raises(files.CorruptShardError, match=shard.filename):
+            files.load_shard(path, layout, shard.num_episodes)
+    with pytest.raises(files.CorruptShardError, match=shards[1].filename):
+        files.merge_shards(layout, [shard_dir / s.filename for s in shards[:2]], 2, tmp_path / 'merged.npz')
 
     with pytest.warns(UserWarning) as caught:
         gen.generate(TINY, tmp_path, workers=1)
@@ -125,15 +127,16 @@ def test_corrupt_shard_is_detected_named_and_regenerated(reference, tmp_path):
 
 def test_validation_rejects_damaged_or_mismatched_files(reference, tmp_path):
     train_path = paths(TINY, reference)[0]
-    gen.validate_dataset(train_path, TINY, num_episodes=2)
-    with pytest.raises(gen.DatasetValidationError, match='observations'):
-        gen.validate_dataset(train_path, TINY, num_episodes=3)
-    with pytest.raises(gen.DatasetValidationError, match='episode_length|every 5-th'):
-        gen.validate_dataset(train_path, dataclasses.replace(TINY, episode_length=5), num_episodes=4)
+    layout = gen.file_layout(TINY)
+    files.validate_dataset(train_path, layout, num_episodes=2)
+    with pytest.raises(files.DatasetValidationError, match='observations'):
+        files.validate_dataset(train_path, layout, num_episodes=3)
+    with pytest.raises(files.DatasetValidationError, match='episode_length|every 5-th'):
+        files.validate_dataset(train_path, dataclasses.replace(layout, episode_length=5), num_episodes=4)
     truncated = tmp_path / 'truncated.npz'
     truncated.write_bytes(train_path.read_bytes()[:-2000])
-    with pytest.raises(gen.DatasetValidationError, match='truncated'):
-        gen.validate_dataset(truncated, TINY, num_episodes=2)
+    with pytest.raises(files.DatasetValidationError, match='truncated'):
+        files.validate_dataset(truncated, layout, num_episodes=2)
 
 
 def test_resume_refuses_a_shard_dir_made_with_other_settings(reference, tmp_path):
@@ -223,12 +226,16 @@ def _train_shards(reference: Path) -> tuple[list[gen.Shard], Path]:
     return [s for s in gen.plan_shards(TINY) if s.split == 'train'], ref_shards
 
 
+def _merge_into(tmp_path: Path, shards: list[gen.Shard], out: Path) -> files.BackgroundMerge:
+    return files.BackgroundMerge(gen.file_layout(TINY), [tmp_path / s.filename for s in shards], len(shards), out)
+
+
 def test_background_merge_takes_shards_as_they_appear(reference, tmp_path):
     shards, ref_shards = _train_shards(reference)
     out = tmp_path / 'train.npz'
-    with gen.BackgroundMerge(TINY, shards, tmp_path, out):
+    with _merge_into(tmp_path, shards, out):
         for shard in shards:  # as workers would: late, one at a time, atomically
-            time.sleep(3 * gen.BackgroundMerge.POLL_S)
+            time.sleep(3 * files.BackgroundMerge.POLL_S)
             assert not out.exists()
             shutil.copy(ref_shards / shard.filename, tmp_path / f'{shard.filename}.part')
             os.replace(tmp_path / f'{shard.filename}.part', tmp_path / shard.filename)
@@ -240,12 +247,12 @@ def test_background_merge_stops_with_production_and_names_a_missing_shard(refere
     out = tmp_path / 'train.npz'
     shutil.copy(ref_shards / shards[0].filename, tmp_path / shards[0].filename)
     with pytest.raises(KeyboardInterrupt):  # production interrupted: the merge stops, no file, no temp file
-        with gen.BackgroundMerge(TINY, shards, tmp_path, out):
-            time.sleep(3 * gen.BackgroundMerge.POLL_S)
+        with _merge_into(tmp_path, shards, out):
+            time.sleep(3 * files.BackgroundMerge.POLL_S)
             raise KeyboardInterrupt
     assert sorted(p.name for p in tmp_path.iterdir()) == [shards[0].filename]
-    with pytest.raises(gen.CorruptShardError, match=f'{shards[1].filename} is missing after production'):
-        with gen.BackgroundMerge(TINY, shards, tmp_path, out):
+    with pytest.raises(files.CorruptShardError, match=f'{shards[1].filename} is missing after production'):
+        with _merge_into(tmp_path, shards, out):
             pass  # production "finished" without the second shard
     assert not out.exists() and not list(tmp_path.glob('*.tmp-*'))
 
@@ -256,12 +263,12 @@ def test_streamed_npz_matches_numpy(tmp_path):
         key: (value.shape, value.dtype, lambda value=value: (value[:2], value[2:])) for key, value in arrays.items()
     }
     path = tmp_path / 'x.npz'
-    gen.write_npz_streaming(path, entries)
+    files.write_npz_streaming(path, entries)
     with np.load(path) as loaded:
         for key, value in arrays.items():
             np.testing.assert_array_equal(loaded[key], value)
     with zipfile.ZipFile(path) as archive:
-        assert all(info.date_time == gen.ZIP_DATE for info in archive.infolist())
+        assert all(info.date_time == files.ZIP_DATE for info in archive.infolist())
     bad = {'a': ((7, 2), np.dtype(np.float32), lambda: (arrays['a'],))}
-    with pytest.raises(gen.GenerationError, match='wrote 6 rows'):
-        gen.write_npz_streaming(tmp_path / 'y.npz', bad)
+    with pytest.raises(files.DatasetFileError, match='wrote 6 rows'):
+        files.write_npz_streaming(tmp_path / 'y.npz', bad)

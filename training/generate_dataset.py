@@ -18,30 +18,37 @@ colours), then renders those states in batches: many frames per GL call, one rea
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import json
-import math
 import os
 import queue
 import sys
-import threading
 import time
 import warnings
 import zipfile
-import zlib
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
 os.environ.setdefault('MUJOCO_GL', 'egl')  # must precede the first mujoco import; respects a user's choice
 
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from training.dataset_files import (  # noqa: E402
+    BackgroundMerge,
+    CorruptShardError,
+    DatasetFileError,
+    FileLayout,
+    Schema,
+    iter_npz_rows,
+    load_shard,
+    read_npz_header,
+    validate_dataset,
+    write_shard,
+)
 from training.oracle_goals import oracle_goal_dim, oracle_goals  # noqa: E402
+from training.replay_render import FRAME_SIZE, BatchRenderer, FrameRecorder, FrameState, ReplayRenderError  # noqa: E402
 
-FRAME_SIZE = 64
-CAMERA = 'front_pixels'
 DEFAULT_EPISODE_LENGTH = 1001  # OGBench: max_episode_steps=1001
 PLAY_NOISE, PLAY_NOISE_SMOOTHING = 0.1, 0.5
 MARKOV_MIN_NORM = 0.4
@@ -71,16 +78,8 @@ class GenerationError(RuntimeError):
     """The run cannot proceed (bad settings, a shard directory made with other settings, ...)."""
 
 
-class CorruptShardError(GenerationError):
-    """A shard file is truncated, corrupt or does not match the run's settings."""
-
-
-class DatasetValidationError(GenerationError):
-    """A merged dataset file fails validation."""
-
-
-class ReplayError(GenerationError):
-    """The env's drawn state cannot be recovered for replay rendering."""
+# What a run raises for a problem it can name (settings, files, replay rendering): reported, not a traceback.
+GENERATION_ERRORS = (GenerationError, DatasetFileError, ReplayRenderError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +138,7 @@ def plan_shards(cfg: GenerationConfig) -> list[Shard]:
     return shards
 
 
-def dataset_schema(cfg: GenerationConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def dataset_schema(cfg: GenerationConfig) -> Schema:
     """Per-row shape and dtype of every array, in file order (OGBench's keys plus oracle_reps)."""
     info = cfg.env_info
     schema = {
@@ -153,6 +152,10 @@ def dataset_schema(cfg: GenerationConfig) -> dict[str, tuple[tuple[int, ...], np
         schema['button_states'] = ((info.num_buttons,), np.dtype(np.int64))
     schema['oracle_reps'] = ((oracle_goal_dim(cfg.env),), np.dtype(np.float32))
     return schema
+
+
+def file_layout(cfg: GenerationConfig) -> FileLayout:
+    return FileLayout(dataset_schema(cfg), cfg.episode_length)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -244,149 +247,6 @@ def shard_seeds(seed: int, shard_index: int) -> tuple[int, int, np.random.Genera
     """(env seed, oracle seed, own RNG) from (seed, shard index) only."""
     env_ss, oracle_ss, rng_ss = np.random.SeedSequence([seed, shard_index]).spawn(3)
     return int(env_ss.generate_state(1)[0]), int(oracle_ss.generate_state(1)[0]), np.random.default_rng(rng_ss)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Replay rendering: record what the env would draw, render it later in batches.
-
-VISUAL_MODEL_FIELDS = ('geom_rgba', 'mat_rgba', 'site_rgba', 'site_pos')
-
-
-@dataclasses.dataclass
-class FrameState:
-    """What the env's renderer reads at one observation: poses and the (shared, rarely changing) colours."""
-
-    qpos: np.ndarray
-    mocap_pos: np.ndarray
-    mocap_quat: np.ndarray
-    visuals: tuple
-
-
-class FrameRecorder:
-    """Snapshots the drawn state of a live env instead of rendering it."""
-
-    def __init__(self, model):
-        import mujoco
-
-        self._scratch = mujoco.MjData(model)
-        self._visuals = None
-
-    def snapshot(self, model, data) -> FrameState:
-        visuals = tuple(getattr(model, name) for name in VISUAL_MODEL_FIELDS)
-        if self._visuals is None or not all(np.array_equal(a, b) for a, b in zip(visuals, self._visuals)):
-            self._visuals = tuple(v.copy() for v in visuals)
-        qpos = self._drawn_qpos(model, data)
-        return FrameState(qpos, data.mocap_pos.copy(), data.mocap_quat.copy(), self._visuals)
-
-    def _drawn_qpos(self, model, data) -> np.ndarray:
-        """The qpos whose kinematics data holds now.
-
-        Envs render right after mj_step, whose kinematics predate its last integration: unless the env ran
-        mj_forward afterwards (scene and puzzle do, cube does not), the drawn pose is one physics step
-        behind data.qpos. Integrating back by one step recovers it; we check the kinematics match.
-        """
-        import mujoco
-
-        behind = data.qpos.copy()
-        mujoco.mj_integratePos(model, behind, data.qvel, -model.opt.timestep)
-        for candidate in (data.qpos, behind):
-            self._scratch.qpos[:] = candidate
-            self._scratch.mocap_pos[:] = data.mocap_pos
-            self._scratch.mocap_quat[:] = data.mocap_quat
-            mujoco.mj_kinematics(model, self._scratch)
-            if np.allclose(self._scratch.xpos, data.xpos, rtol=0, atol=1e-9) and np.allclose(
-                self._scratch.xquat, data.xquat, rtol=0, atol=1e-9
-            ):
-                return candidate.copy()
-        raise ReplayError('the env drew a state that is neither its qpos nor one step behind; use --render-mode env')
-
-
-class BatchRenderer:
-    """Renders frames one by one where the env draws them, copies each into a tile of an offscreen atlas, and
-    reads the atlas back once per batch instead of once per frame.
-
-    Every frame is drawn at the buffer's origin, as the env's renderer draws it: drawing straight into tiles
-    away from the origin changed pixels (with llvmpipe: up to 45 levels, growing with the tile's distance).
-    The copy is a sample-for-sample blit inside the multisampled buffer, so the images stay the env's own.
-    Layout: row 0 of 64-pixel rows is where frames are drawn, rows 1..tiles hold the tiles.
-    """
-
-    def __init__(self, model, shadow_size: int, tiles_per_side: int, camera: str = CAMERA):
-        import mujoco
-        from OpenGL import GL  # PyOpenGL, a MuJoCo dependency; the blit has no MuJoCo API
-
-        self._mj, self._gl_api = mujoco, GL
-        self.model = copy.deepcopy(model)  # its colours are overwritten per frame; the env's model stays intact
-        self.tiles = tiles_per_side
-        width, height = FRAME_SIZE * tiles_per_side, FRAME_SIZE * (tiles_per_side + 1)
-        self.model.vis.global_.offwidth = width
-        self.model.vis.global_.offheight = height
-        self.model.vis.quality.shadowsize = shadow_size
-        self.data = mujoco.MjData(self.model)
-        self._gl = mujoco.GLContext(width, height)
-        self._gl.make_current()
-        self._context = mujoco.MjrContext(self.model, mujoco.mjtFontScale.mjFONTSCALE_150)
-        mujoco.mjr_setBuffer(mujoco.mjtFramebuffer.mjFB_OFFSCREEN, self._context)
-        self._scene = mujoco.MjvScene(self.model, maxgeom=10000)
-        self._option = mujoco.MjvOption()
-        self._camera = mujoco.MjvCamera()
-        self._camera.type = mujoco.mjtCamera.mjCAMERA_FIXED
-        self._camera.fixedcamid = self.model.camera(camera).id
-        self._atlas = np.empty((height - FRAME_SIZE, width, 3), dtype=np.uint8)
-        self._visuals = None
-
-    @property
-    def batch_size(self) -> int:
-        return self.tiles * self.tiles
-
-    def render(self, frames: list[FrameState], out: np.ndarray) -> None:
-        """Render up to batch_size frames into out (n, 64, 64, 3)."""
-        mj = self._mj
-        self._gl.make_current()
-        origin = mj.MjrRect(0, 0, FRAME_SIZE, FRAME_SIZE)
-        for k, frame in enumerate(frames):
-            self._apply(frame)
-            mj.mjv_updateScene(
-                self.model, self.data, self._option, None, self._camera, mj.mjtCatBit.mjCAT_ALL, self._scene
-            )
-            mj.mjr_render(origin, self._scene, self._context)
-            self._copy_to_tile(k)
-        rows_used = math.ceil(len(frames) / self.tiles)
-        region = self._atlas[: rows_used * FRAME_SIZE]
-        rect = mj.MjrRect(0, FRAME_SIZE, self.tiles * FRAME_SIZE, rows_used * FRAME_SIZE)
-        mj.mjr_readPixels(region, None, rect, self._context)
-        for k in range(len(frames)):  # GL rows run bottom-up
-            row, col = divmod(k, self.tiles)
-            tile = region[row * FRAME_SIZE : (row + 1) * FRAME_SIZE, col * FRAME_SIZE : (col + 1) * FRAME_SIZE]
-            out[k] = tile[::-1]
-
-    def _copy_to_tile(self, k: int) -> None:
-        """Blit the frame just drawn at the origin into tile k (all samples; the scissor box would clip it)."""
-        GL = self._gl_api
-        row, col = divmod(k, self.tiles)
-        x, y = col * FRAME_SIZE, (row + 1) * FRAME_SIZE
-        while GL.glGetError() != GL.GL_NO_ERROR:  # MuJoCo's drawing leaves GL_INVALID_VALUE set; PyOpenGL
-            pass  # would pin it on our next call. Errors of the calls below still raise.
-        GL.glBindFramebuffer(GL.GL_READ_FRAMEBUFFER, self._context.offFBO)
-        GL.glBindFramebuffer(GL.GL_DRAW_FRAMEBUFFER, self._context.offFBO)
-        GL.glDisable(GL.GL_SCISSOR_TEST)
-        GL.glBlitFramebuffer(0, 0, FRAME_SIZE, FRAME_SIZE, x, y, x + FRAME_SIZE, y + FRAME_SIZE,
-                             GL.GL_COLOR_BUFFER_BIT, GL.GL_NEAREST)
-
-    def _apply(self, frame: FrameState) -> None:
-        if frame.visuals is not self._visuals:
-            for name, value in zip(VISUAL_MODEL_FIELDS, frame.visuals):
-                getattr(self.model, name)[:] = value
-            self._visuals = frame.visuals
-        self.data.qpos[:] = frame.qpos
-        self.data.mocap_pos[:] = frame.mocap_pos
-        self.data.mocap_quat[:] = frame.mocap_quat
-        self._mj.mj_kinematics(self.model, self.data)
-        self._mj.mj_camlight(self.model, self.data)
-
-    def close(self) -> None:
-        self._context.free()
-        self._gl.free()
 
 
 def set_env_shadow_size(env, shadow_size: int) -> None:
@@ -517,56 +377,7 @@ class ShardCollector:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Shard files: atomic writes, validation, parallel production.
-
-
-def write_shard(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(f'{path.name}.tmp-{os.getpid()}')
-    with open(tmp, 'wb') as f:
-        np.savez_compressed(f, **arrays)
-    os.replace(tmp, path)  # a shard either exists complete or not at all
-
-
-def load_shard(path: Path, cfg: GenerationConfig, shard: Shard) -> dict[str, np.ndarray]:
-    """Read and fully check one shard; CorruptShardError names the file on any problem."""
-    try:
-        with np.load(path) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
-        raise CorruptShardError(f'shard {path} is corrupt or truncated ({type(err).__name__}: {err})') from err
-    try:
-        check_arrays(arrays, cfg, shard.num_episodes)
-    except DatasetValidationError as err:
-        raise CorruptShardError(f'shard {path} is invalid: {err}') from err
-    return arrays
-
-
-def check_arrays(arrays: dict[str, np.ndarray], cfg: GenerationConfig, num_episodes: int) -> None:
-    """Keys, shapes, dtypes, episode boundaries and finiteness."""
-    schema = dataset_schema(cfg)
-    num_rows = num_episodes * cfg.episode_length
-    if set(arrays) != set(schema):
-        raise DatasetValidationError(f'keys {sorted(arrays)} != expected {sorted(schema)}')
-    for key, (row_shape, dtype) in schema.items():
-        check_shape_dtype(key, arrays[key].shape, arrays[key].dtype, (num_rows, *row_shape), dtype)
-        if dtype.kind == 'f' and not np.isfinite(arrays[key]).all():
-            raise DatasetValidationError(f'{key} has non-finite values')
-    check_terminals(arrays['terminals'], cfg.episode_length)
-
-
-def check_shape_dtype(key: str, shape: tuple, dtype: np.dtype, want_shape: tuple, want_dtype: np.dtype) -> None:
-    if tuple(shape) != tuple(want_shape) or np.dtype(dtype) != want_dtype:
-        raise DatasetValidationError(f'{key}: got {dtype} {tuple(shape)}, expected {want_dtype} {tuple(want_shape)}')
-
-
-def check_terminals(terminals: np.ndarray, episode_length: int, first_row: int = 0) -> None:
-    """Terminals are True exactly on each episode's last row (rows counted from first_row)."""
-    expected = ((np.arange(len(terminals)) + first_row) % episode_length) == episode_length - 1
-    if not np.array_equal(terminals, expected):
-        row = first_row + int(np.flatnonzero(terminals != expected)[0])
-        raise DatasetValidationError(
-            f'terminals must be True exactly on every {episode_length}-th row; first mismatch at row {row}'
-        )
+# Parallel production of the shards.
 
 
 _WORKER: dict = {}
@@ -613,178 +424,6 @@ def produce_shards(cfg: GenerationConfig, shards: list[Shard], shard_dir: Path, 
             while not progress_queue.empty():
                 bar.update(progress_queue.get())
         return retries
-
-
-# ----------------------------------------------------------------------------------------------------
-# Streaming npz writer and readers (deterministic bytes: fixed zip timestamps).
-
-ZIP_DATE = (1980, 1, 1, 0, 0, 0)
-
-
-def write_npz_streaming(
-    path: Path, entries: dict[str, tuple[tuple[int, ...], np.dtype, Callable[[], Iterable[np.ndarray]]]]
-) -> None:
-    """Write an np.load-compatible compressed npz whose arrays arrive in chunks (never whole in memory)."""
-    tmp = path.with_name(f'{path.name}.tmp-{os.getpid()}')
-    try:
-        _write_npz_entries(tmp, entries)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-
-
-def _write_npz_entries(
-    tmp: Path, entries: dict[str, tuple[tuple[int, ...], np.dtype, Callable[[], Iterable[np.ndarray]]]]
-) -> None:
-    with zipfile.ZipFile(tmp, 'w', allowZip64=True) as archive:
-        for key, (shape, dtype, chunks) in entries.items():
-            info = zipfile.ZipInfo(f'{key}.npy', date_time=ZIP_DATE)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            with archive.open(info, 'w', force_zip64=True) as f:
-                header = {'descr': np.lib.format.dtype_to_descr(dtype), 'fortran_order': False, 'shape': shape}
-                np.lib.format.write_array_header_1_0(f, header)
-                written = 0
-                for chunk in chunks():
-                    chunk = np.ascontiguousarray(chunk)
-                    if chunk.dtype != dtype or chunk.shape[1:] != shape[1:]:
-                        raise GenerationError(f'{key}: chunk {chunk.dtype} {chunk.shape} does not fit {dtype} {shape}')
-                    f.write(chunk.data)
-                    written += len(chunk)
-                if written != shape[0]:
-                    raise GenerationError(f'{key}: wrote {written} rows, header says {shape[0]}')
-
-
-def read_npz_header(archive: zipfile.ZipFile, key: str) -> tuple[tuple[int, ...], np.dtype]:
-    with archive.open(f'{key}.npy') as f:
-        return _read_header(f)
-
-
-def _read_header(f) -> tuple[tuple[int, ...], np.dtype]:
-    version = np.lib.format.read_magic(f)
-    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-    if version not in read_header:
-        raise DatasetValidationError(f'unsupported .npy format version {version}')
-    shape, fortran_order, dtype = read_header[version](f)
-    if fortran_order:
-        raise DatasetValidationError('Fortran-ordered arrays are not supported')
-    return shape, dtype
-
-
-def iter_npz_rows(archive: zipfile.ZipFile, key: str, rows_per_chunk: int = 4096) -> Iterator[np.ndarray]:
-    """Stream an array out of an npz in row chunks (decompressing as it goes; the CRC is checked at the end)."""
-    with archive.open(f'{key}.npy') as f:
-        shape, dtype = _read_header(f)
-        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-        remaining = shape[0]
-        while remaining:
-            n = min(rows_per_chunk, remaining)
-            buffer = f.read(n * row_bytes)
-            if len(buffer) != n * row_bytes:
-                raise DatasetValidationError(f'{key}: data ends {remaining} rows early')
-            yield np.frombuffer(buffer, dtype=dtype).reshape(n, *shape[1:])
-            remaining -= n
-        if f.read(1):
-            raise DatasetValidationError(f'{key}: data continues past the {shape[0]} rows in its header')
-
-
-def merge_shards(
-    cfg: GenerationConfig,
-    shards: list[Shard],
-    shard_dir: Path,
-    out_path: Path,
-    wait_for: Callable[[Path], None] | None = None,
-) -> None:
-    """Stream the shards' arrays, key by key, into one OGBench-format file; wait_for(path), if given, returns
-    once that shard exists (shards appear atomically, so an existing one is complete)."""
-    schema = dataset_schema(cfg)
-    num_rows = sum(s.num_episodes for s in shards) * cfg.episode_length
-
-    def chunks_of(key):
-        def chunks():
-            for shard in shards:
-                path = shard_dir / shard.filename
-                if wait_for is not None:
-                    wait_for(path)
-                try:
-                    with np.load(path) as npz:
-                        yield npz[key]
-                except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as err:
-                    raise CorruptShardError(f'shard {path} is corrupt or truncated ({err})') from err
-
-        return chunks
-
-    entries = {key: ((num_rows, *row_shape), dtype, chunks_of(key)) for key, (row_shape, dtype) in schema.items()}
-    write_npz_streaming(out_path, entries)
-
-
-class MergeStopped(GenerationError):
-    """The background merge was told to stop because production failed or was interrupted."""
-
-
-class BackgroundMerge:
-    """merge_shards in a thread, started before the shards exist: production and merging overlap.
-
-    Used as a context manager around production. Leaving it normally means production is over: a shard that
-    is still missing then is an error, not something to wait for. Leaving it by an exception stops the merge
-    (its temporary file is removed). Either way it waits for the thread and re-raises the merge's own error.
-    """
-
-    POLL_S = 0.2
-
-    def __init__(self, cfg: GenerationConfig, shards: list[Shard], shard_dir: Path, out_path: Path):
-        self._produced, self._stop = threading.Event(), threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(cfg, shards, shard_dir, out_path),
-                                        name=f'merge {out_path.name}', daemon=True)
-
-    def __enter__(self) -> 'BackgroundMerge':
-        self._thread.start()
-        return self
-
-    def __exit__(self, exc_type, exc, traceback) -> None:
-        (self._produced if exc_type is None else self._stop).set()
-        self._thread.join()
-        if exc_type is None and self._error is not None:
-            raise self._error
-
-    def _run(self, cfg: GenerationConfig, shards: list[Shard], shard_dir: Path, out_path: Path) -> None:
-        try:
-            merge_shards(cfg, shards, shard_dir, out_path, wait_for=self._wait_for)
-        except BaseException as err:  # handed to the main thread by __exit__
-            self._error = err
-
-    def _wait_for(self, path: Path) -> None:
-        while not path.exists():
-            if self._produced.is_set() and not path.exists():
-                raise CorruptShardError(f'shard {path} is missing after production finished')
-            if self._stop.wait(self.POLL_S):
-                raise MergeStopped(f'merge into {path.parent} stopped: production did not finish')
-
-
-def validate_dataset(path: Path, cfg: GenerationConfig, num_episodes: int) -> None:
-    """Check a merged file: keys, shapes, dtypes, episode boundaries, finite values, intact compression."""
-    schema = dataset_schema(cfg)
-    num_rows = num_episodes * cfg.episode_length
-    try:
-        with zipfile.ZipFile(path) as archive:
-            keys = sorted(name.removesuffix('.npy') for name in archive.namelist())
-            if keys != sorted(schema):
-                raise DatasetValidationError(f'keys {keys} != expected {sorted(schema)}')
-            for key, (row_shape, dtype) in schema.items():
-                shape, got_dtype = read_npz_header(archive, key)
-                check_shape_dtype(key, shape, got_dtype, (num_rows, *row_shape), dtype)
-                checked_rows = 0
-                for chunk in iter_npz_rows(archive, key):
-                    if dtype.kind == 'f' and not np.isfinite(chunk).all():
-                        raise DatasetValidationError(f'{key} has non-finite values')
-                    if key == 'terminals':
-                        check_terminals(chunk, cfg.episode_length, first_row=checked_rows)
-                    checked_rows += len(chunk)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-        raise DatasetValidationError(f'{path} is corrupt or truncated ({type(err).__name__}: {err})') from err
-    except DatasetValidationError as err:
-        raise DatasetValidationError(f'{path}: {err}') from err
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -865,7 +504,7 @@ def pending_shards(cfg: GenerationConfig, shards: list[Shard], shard_dir: Path) 
             pending.append(shard)
             continue
         try:
-            load_shard(path, cfg, shard)
+            load_shard(path, file_layout(cfg), shard.num_episodes)
         except CorruptShardError as err:
             warnings.warn(f'{err}; producing it again', stacklevel=2)
             path.unlink()
@@ -905,14 +544,16 @@ def _produce_and_merge(cfg: GenerationConfig, out_dir: Path, workers: int, keep_
     todo = pending_shards(cfg, shards, shard_dir)
     if len(todo) < len(shards):
         print(f'resuming: {len(shards) - len(todo)} of {len(shards)} shards already done')
+    layout = file_layout(cfg)
     splits = ((train_path, 'train', cfg.num_episodes), (val_path, 'val', cfg.num_val_episodes))
     with contextlib.ExitStack() as merges:  # each split merges while its shards are still being produced
-        for path, split, _ in splits:
-            merges.enter_context(BackgroundMerge(cfg, [s for s in shards if s.split == split], shard_dir, path))
+        for path, split, num_episodes in splits:
+            shard_paths = [shard_dir / s.filename for s in shards if s.split == split]
+            merges.enter_context(BackgroundMerge(layout, shard_paths, num_episodes, path))
         retries = produce_shards(cfg, todo, shard_dir, workers) if todo else 0
         produced_seconds = time.time() - start
     for path, _, num_episodes in splits:
-        validate_dataset(path, cfg, num_episodes)
+        validate_dataset(path, layout, num_episodes)
 
     transitions = sum(s.num_episodes for s in todo) * cfg.episode_length
     record = dict(
@@ -975,7 +616,7 @@ def main(argv: list[str] | None = None) -> None:
             shard_episodes=args.shard_episodes,
         )
         generate(cfg, args.out_dir, args.workers, args.keep_shards, args.overwrite, args.preview)
-    except GenerationError as err:
+    except GENERATION_ERRORS as err:
         sys.exit(f'error: {err}')
 
 
