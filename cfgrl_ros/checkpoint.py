@@ -36,6 +36,7 @@ class Checkpoint:
     policy: CFGRLPolicy
     metadata: dict[str, str]
     train_state: dict[str, torch.Tensor]
+    path: Path  # the file it was loaded from
 
     @property
     def config(self) -> PolicyConfig:
@@ -138,9 +139,14 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     policy = CFGRLPolicy(config)
     weights = {k[len(POLICY_PREFIX):]: v.float() if v.is_floating_point() else v
                for k, v in tensors.items() if k.startswith(POLICY_PREFIX)}
+    # Intact but unusable: a run that diverged saves NaN weights with a valid digest; every action would be NaN.
+    broken = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise CheckpointError(f"{path} holds NaN or inf weights ({', '.join(broken[:3])}"
+                              f"{', ...' if len(broken) > 3 else ''}): did its training diverge?")
     try:
         policy.load_state_dict(weights, strict=True)
     except RuntimeError as error:
         raise CheckpointError(f"{path} does not match its own config: {error}") from error
     train_state = {k[len(TRAIN_PREFIX):]: v for k, v in tensors.items() if k.startswith(TRAIN_PREFIX)}
-    return Checkpoint(policy.to(device).eval(), metadata, train_state)
+    return Checkpoint(policy.to(device).eval(), metadata, train_state, path)

@@ -16,6 +16,17 @@ class GoalError(ValueError):
     """A goal the policy cannot use (wrong length, NaN or inf)."""
 
 
+class ActionError(ValueError):
+    """An action the policy computed that must not be published (NaN or inf)."""
+
+
+def checked_action(action: np.ndarray) -> np.ndarray:
+    """The action if every value is finite. Clipping keeps NaN as NaN, so it is checked, never sent."""
+    if not np.all(np.isfinite(action)):
+        raise ActionError(f"the policy computed a non-finite action {np.asarray(action).tolist()}")
+    return action
+
+
 def goal_vector(values, goal_dim: int) -> np.ndarray:
     """Validate an oracle goal vector: exactly goal_dim finite values; returned as float32."""
     vector = np.asarray(values, dtype=np.float32).reshape(-1)
@@ -35,8 +46,13 @@ class Inputs(enum.Enum):
 
     @property
     def stale(self) -> bool:
-        """Inputs went old: the stale_action applies. (Missing inputs give no action at all.)"""
+        """Inputs went old: the stale_action applies."""
         return self in (Inputs.STALE_IMAGE, Inputs.STALE_GOAL)
+
+    @property
+    def missing(self) -> bool:
+        """No usable input: no action before the node has acted; once it has, the stale_action applies."""
+        return self in (Inputs.NO_GOAL, Inputs.NO_IMAGE)
 
 
 def assess_inputs(now_s: float, image_arrival_s: float | None, goal_arrival_s: float | None,

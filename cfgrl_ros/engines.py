@@ -53,6 +53,8 @@ class Engine(Protocol):
     name: str
     config: PolicyConfig
     device: torch.device
+    # infer() takes any flow_steps as it is; False: another count needs an export or a build first.
+    any_flow_steps: bool
 
     def infer(self, observations: torch.Tensor, goals: torch.Tensor, w: torch.Tensor, noise: torch.Tensor,
               flow_steps: int) -> torch.Tensor:
@@ -63,6 +65,7 @@ class TorchEngine:
     """Eager PyTorch on any device: the reference every other engine is checked against."""
 
     name = "torch"
+    any_flow_steps = True
 
     def __init__(self, sampler: GuidedSampler, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
@@ -85,6 +88,7 @@ class CompiledEngine:
     """
 
     name = "compiled"
+    any_flow_steps = True
 
     def __init__(self, sampler: GuidedSampler, device: str | torch.device = "cpu", mode: str | None = None):
         self.device = torch.device(device)
@@ -116,6 +120,7 @@ class CudaGraphEngine:
     """
 
     name = "cuda_graph"
+    any_flow_steps = True
 
     def __init__(self, sampler: GuidedSampler, device: str | torch.device = "cuda"):
         self.device = _cuda_device(device, "cuda_graph")
@@ -181,6 +186,7 @@ class OnnxRuntimeEngine:
     """onnxruntime sessions over the ONNX export, one per flow_steps (each export unrolls its steps)."""
 
     name = "onnxruntime"
+    any_flow_steps = False
 
     def __init__(self, checkpoint: Checkpoint, artifacts_dir: Path, device: str | torch.device = "cpu",
                  threads: int = 1):
@@ -223,6 +229,7 @@ class TensorRTEngine:
     """A torch-tensorrt fp16 program of the whole sampler at a fixed flow_steps, dynamic batch."""
 
     name = "tensorrt"
+    any_flow_steps = False
 
     def __init__(self, program_path: Path, config: PolicyConfig, flow_steps: int, device: torch.device):
         torch_tensorrt, _ = _import_tensorrt()
@@ -483,10 +490,11 @@ def warm_up(engine: Engine, flow_steps: int = 16, iterations: int = 3) -> float:
     return time.perf_counter() - start
 
 
-def load_engine(checkpoint_path: str, backend: str = "torch", device: str = "cpu", *, flow_steps: int = 16,
-                artifacts_dir: str | Path | None = None, compile_mode: str | None = None,
+def load_engine(checkpoint: str | os.PathLike | Checkpoint, backend: str = "torch", device: str = "cpu", *,
+                flow_steps: int = 16, artifacts_dir: str | Path | None = None, compile_mode: str | None = None,
                 onnx_threads: int = 1, tensorrt_max_batch: int = 1024) -> Engine:
-    """Load a checkpoint into the named engine and warm it up at flow_steps.
+    """Load a checkpoint (a path, or one already loaded on the CPU) into the named engine and warm it up at
+    flow_steps.
 
     Raises ValueError for an unknown backend, CheckpointError for a bad checkpoint and
     EngineUnavailable when the backend cannot run here (so a caller can fall back). "auto" tries
@@ -494,8 +502,9 @@ def load_engine(checkpoint_path: str, backend: str = "torch", device: str = "cpu
     """
     if backend not in (*BACKENDS, "auto"):
         raise ValueError(f"unknown backend {backend!r}; available: {', '.join((*BACKENDS, 'auto'))}")
-    checkpoint = load_checkpoint(checkpoint_path, device="cpu")
-    artifacts_dir = Path(artifacts_dir) if artifacts_dir else default_artifacts_dir(checkpoint_path)
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = load_checkpoint(checkpoint, device="cpu")
+    artifacts_dir = Path(artifacts_dir) if artifacts_dir else default_artifacts_dir(checkpoint.path)
     options = dict(flow_steps=flow_steps, artifacts_dir=artifacts_dir, compile_mode=compile_mode,
                    onnx_threads=onnx_threads, tensorrt_max_batch=tensorrt_max_batch)
     if backend != "auto":

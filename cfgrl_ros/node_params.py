@@ -136,8 +136,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               finite_in(0.001, 3600.0), "live"),
     ParamSpec("max_goal_age_s", 0.0, "A goal older than this is stale; 0 = goals never go stale (they are latched).",
               finite_in(0.0, 1e9), "live"),
-    ParamSpec("stale_action", "zero", "On stale input: zero = publish zeros, hold = republish the last action, "
-              "none = publish nothing.", one_of(STALE_ACTIONS), "live"),
+    ParamSpec("stale_action", "zero", "When there is no fresh action (stale input; once acting, a rejected image "
+              "or goal; a failed inference) and once at deactivation: zero = publish zeros, hold = republish the "
+              "last action, none = publish nothing.", one_of(STALE_ACTIONS), "live"),
     ParamSpec("enable_control", True, "false = dry run: compute and report in /diagnostics, publish no action.",
               boolean, "live"),
     ParamSpec("seed", 0, "Seed of the noise generator (seeded once at configure; each action draws fresh noise).",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
-from cfgrl_ros.control import GoalError, Inputs, assess_inputs, goal_vector, stale_action
+from cfgrl_ros.control import ActionError, GoalError, Inputs, assess_inputs, checked_action, goal_vector, stale_action
 from cfgrl_ros.inference_worker import ERROR, OK, WARN, InferenceWorker, LatencyStats, Mailbox, PolicyStats, RateMeter
 from cfgrl_ros.node_params import PARAMETERS, SPECS, validate_changes
 
@@ -96,6 +97,16 @@ def test_assess_inputs():
     assert assess_inputs(10.0, 12.0, 11.0, 0.5, 5.0) is Inputs.FRESH  # clock jumped back: not stale
     assert Inputs.STALE_IMAGE.stale and Inputs.STALE_GOAL.stale
     assert not Inputs.NO_GOAL.stale and not Inputs.NO_IMAGE.stale and not Inputs.FRESH.stale
+    assert Inputs.NO_GOAL.missing and Inputs.NO_IMAGE.missing
+    assert not any(i.missing for i in (Inputs.FRESH, Inputs.STALE_IMAGE, Inputs.STALE_GOAL))
+
+
+def test_non_finite_actions_are_refused():
+    action = np.array([0.5, -1.0, 1.0], np.float32)
+    assert checked_action(action) is action
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ActionError, match="non-finite action"):
+            checked_action(np.array([0.5, bad, 0.0], np.float32))
 
 
 def test_stale_action_modes():
@@ -379,20 +390,23 @@ def test_w_through_the_parameter_service(probe):
 
 
 @requires_rclpy
-def test_a_flow_steps_change_that_fails_keeps_the_count_in_use(rig, probe):
+def test_flow_steps_never_rereads_the_checkpoint_file(rig, probe):
+    """The torch engine takes any count at once, from the policy loaded at configure: what is on disk now
+    (a training run overwriting the file, or nothing at all) does not matter."""
     _, node = rig
     checkpoint = Path(next(a for a in node.command if a.startswith("policy:=")).split(":=", 1)[1])
     assert checkpoint.name == "image.safetensors"
-    report_where(probe, lambda d: d["flow_steps"] == "16" and not d["flow_steps_note"], "flow_steps 16 in use")
+    probe.publish_goal_image(frames(4)[0])
     moved = checkpoint.with_name("moved.safetensors")
-    checkpoint.rename(moved)  # the engine for the new count cannot load
+    checkpoint.rename(moved)
     try:
         assert probe.set_parameters(flow_steps=8)[0].successful
-        report = report_where(probe, lambda d: "flow_steps 8 failed" in d["flow_steps_note"], "the failure report")
-        assert "checkpoint not found" in report["flow_steps_note"] and report["flow_steps"] == "16"
-        probe.spin_until(lambda: probe.get_parameters("flow_steps") == {"flow_steps": 16}, "flow_steps set back")
+        probe.wait_for_action(lambda m: m.flow_steps == 8 and computed(m), "an action with 8 flow steps",
+                              meanwhile=lambda: probe.publish_camera(frames(5)[0]))
     finally:
         moved.rename(checkpoint)
+    report = report_where(probe, lambda d: d["flow_steps"] == "8", "flow_steps 8 in the diagnostics")
+    assert not report["flow_steps_note"]
     node.check_alive()
 
 
@@ -443,7 +457,7 @@ def test_stale_camera_gives_zero_actions_then_recovers(probe):
 
 
 @requires_rclpy
-def test_malformed_images_give_no_action_and_the_node_stays_up(rig, probe):
+def test_malformed_images_stop_the_robot_and_the_node_stays_up(rig, probe):
     _, node = rig
     camera = frames(8)[0]
     probe.publish_goal_image(frames(9)[0])
@@ -466,10 +480,12 @@ def test_malformed_images_give_no_action_and_the_node_stays_up(rig, probe):
                               f"the {name} image to be rejected", meanwhile=lambda: probe.camera.publish(message))
         assert reason in report["last_image_error"] and report["inputs"] == "no usable camera image yet"
         start = len(probe.actions)
-        probe.spin_for(0.3)  # six control periods: the rejected frame left nothing to act on
-        assert not probe.actions_since(start), f"actions after a frame with {name}"
+        probe.spin_for(0.3)  # six control periods: nothing computed, the stale action (a stop) instead
+        after = probe.actions_since(start)
+        assert after, f"no stop after a frame with {name}: the last command would stand"
+        assert all(not computed(m) and not any(m.action) for m in after), f"a motion after a frame with {name}"
         node.check_alive()
-    assert "camera image rejected, no action: unsupported encoding 'yuv422'" in node.log()  # throttled log
+    assert "camera image rejected, nothing computed from it: unsupported encoding 'yuv422'" in node.log()
     assert any(act_on(probe, camera).action)  # a good image: acting again
 
 
@@ -606,8 +622,9 @@ def test_goal_vectors_in_a_namespace(ros_domain, tmp_path):
         report_where(probe, lambda d: d["rejected_goals"] == "3", "the third rejection",
                      meanwhile=lambda: probe.publish_camera(camera))
         start = len(probe.actions)
-        probe.spin_for(0.3)
-        assert not probe.actions_since(start), "actions on the goal before a rejected one"
+        probe.spin_for(0.3)  # acting before: the lost goal means a stop, never the goal before the bad one
+        after = probe.actions_since(start)
+        assert after and all(not computed(m) and not any(m.action) for m in after), "no stop after a bad goal"
         node.check_alive()
 
         assert probe.set_parameters(max_goal_age_s=0.3)[0].successful
@@ -621,3 +638,55 @@ def test_goal_vectors_in_a_namespace(ros_domain, tmp_path):
     finally:
         probe.destroy()
         assert node.stop() == 0, node.log()[-2000:]
+
+
+@requires_rclpy
+def test_flow_steps_on_an_engine_that_builds_per_count(ros_domain, tmp_path):
+    """onnxruntime exports one model per count, on a thread while the node acts: a request replaced before
+    its engine is ready is dropped (a revert included), and one that fails sets the parameter back."""
+    from cfgrl_ros.nodes.probe import PolicyProbe
+
+    checkpoint = small_checkpoint(tmp_path / "onnx.safetensors", "oracle")
+    node = start_node(ros_domain, tmp_path / "node.log", checkpoint, namespace="/onnx", backend="onnxruntime")
+    probe = PolicyProbe(namespace="onnx")
+    probe.alive_checks.append(node.check_alive)
+    camera = frames(21)[0]
+    try:
+        probe.wait_for_node("goal/vector", STARTUP_S)
+        probe.publish_goal_vector([0.1, -0.2, 0.3])
+        assert act_on(probe, camera).flow_steps == 16
+
+        assert probe.set_parameters(flow_steps=4)[0].successful
+        assert probe.set_parameters(flow_steps=16)[0].successful  # changed back before 4 is ready
+        probe.spin_until(lambda: "flow_steps 4 ready but superseded: dropped" in node.log(), "the dropped engine",
+                         timeout_s=120, meanwhile=lambda: probe.publish_camera(camera))
+        assert act_on(probe, camera).flow_steps == 16
+        assert report_where(probe, lambda d: True, "a report")["flow_steps_note"] == ""
+
+        export_dir = checkpoint.with_suffix(".export")
+        shutil.rmtree(export_dir)
+        export_dir.write_text("a file where the exports go: the next export cannot be written")
+        assert probe.set_parameters(flow_steps=8)[0].successful
+        report = report_where(probe, lambda d: "flow_steps 8 failed" in d["flow_steps_note"], "the failure report",
+                              timeout_s=120, meanwhile=lambda: probe.publish_camera(camera))
+        assert "cannot write the ONNX export" in report["flow_steps_note"] and report["flow_steps"] == "16"
+        probe.spin_until(lambda: probe.get_parameters("flow_steps") == {"flow_steps": 16}, "flow_steps set back")
+        assert act_on(probe, camera).flow_steps == 16
+    finally:
+        probe.destroy()
+        assert node.stop() == 0, node.log()[-2000:]
+
+
+@requires_rclpy
+def test_an_activation_that_fails_says_why(ros_domain, tmp_path):
+    """A typo in a QoS override fails the activation; rclpy alone would log no reason."""
+    from cfgrl_ros.nodes.probe import PolicyNodeProcess
+
+    node = start_node(ros_domain, tmp_path / "node.log", small_checkpoint(tmp_path / "qos.safetensors", "oracle"),
+                      namespace="/qos", **{"qos_overrides./qos/camera/image.subscription.reliability": "reliabel"})
+    assert isinstance(node, PolicyNodeProcess)
+    assert node.process.wait(STARTUP_S) == 1
+    log = node.log()
+    assert "activate failed:" in log and "reliabel" in log, log[-2000:]
+    assert "autostart failed" in log
+

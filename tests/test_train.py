@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cfgrl_ros.checkpoint import load_checkpoint
-from training.train import TrainConfig, parse_config, train
+from training.train import TrainConfig, TrainError, main, parse_config, step_seed, train
 
 
 def write_tiny_dataset(path, episodes=4, length=12, size=16, seed=0):
@@ -59,6 +59,24 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     a, b = load_checkpoint(straight).policy.state_dict(), load_checkpoint(resumed).policy.state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_resume_refuses_another_runs_checkpoint(tmp_path, capsys):
+    train(tiny_config(tmp_path, steps=3))
+    with pytest.raises(TrainError, match=r"seed 7 != 8; lr 0.0003 != 0.001"):
+        train(tiny_config(tmp_path, steps=6, resume=True, seed=8, lr=1e-3))
+    other_data = tiny_config(tmp_path / "other", steps=6, resume=True, out=str(tmp_path / "run"))
+    write_tiny_dataset(other_data.dataset, seed=1)  # same shapes, other rows
+    with pytest.raises(SystemExit, match="cfgrl-train: error: cannot resume .*dataset fingerprint"):
+        main(["--dataset", other_data.dataset, "--out", other_data.out, "--steps", "6", "--batch-size", "8",
+              "--seed", "7", "--resume"])
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.safetensors").step == 3  # untouched
+
+
+def test_ranks_never_share_a_random_stream():
+    streams = {step_seed(7, step, rank) + k for step in range(50) for rank in range(8) for k in range(3)}
+    assert len(streams) == 50 * 8 * 3
+    assert step_seed(7, 5, 0) == (7 * 1_000_003 + 5 * 7_919) % 2**63  # one process: the seeds of before
 
 
 def test_same_seed_same_weights_other_seed_differs(tmp_path):

@@ -52,7 +52,7 @@ from training.data import DatasetError, dataset_fingerprint  # noqa: E402
 from training.dataset_files import read_npz_header  # noqa: E402
 from training.evaluate import EvaluationError, evaluate, markdown_table, write_report  # noqa: E402
 from training.generate_dataset import ENVS, GENERATION_ERRORS, GenerationConfig, GenerationError, generate  # noqa: E402
-from training.train import TrainConfig, train  # noqa: E402
+from training.train import TrainConfig, TrainError, train  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCALES_DIR = REPO_ROOT / "config" / "reproduce"
@@ -644,7 +644,7 @@ def plan_from_args(argv: list[str]) -> tuple[Plan, argparse.Namespace]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    errors = (ReproduceError, *GENERATION_ERRORS, DatasetError, CheckpointError, EvaluationError)
+    errors = (ReproduceError, *GENERATION_ERRORS, DatasetError, CheckpointError, TrainError, EvaluationError)
     try:
         plan, args = plan_from_args(argv)
         records = reproduce(plan, tuple(args.redo), args.until)

@@ -26,9 +26,9 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from cfgrl_ros.checkpoint import load_checkpoint, save_checkpoint
+from cfgrl_ros.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cfgrl_ros.policy import CFGRLPolicy, PolicyConfig
-from training.data import GoalBatchSampler, dataset_fingerprint, load_dataset_pair
+from training.data import DatasetError, GoalBatchSampler, dataset_fingerprint, load_dataset_pair
 
 
 @dataclasses.dataclass
@@ -70,8 +70,32 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, flat: dict[str, tor
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
+class TrainError(ValueError):
+    """Training cannot start as asked (settings that do not fit, a checkpoint that is not this run's)."""
+
+
 def step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 7_919 + rank) % 2**63
+    # GoalBatchSampler.reseed seeds three generators with s, s+1 and s+2: ranks 3 apart never share a stream.
+    return (seed * 1_000_003 + step * 7_919 + rank * 3) % 2**63
+
+
+# What a resumed run must share with the checkpoint to draw the batches an uninterrupted run would have
+# (the policy config is compared on its own; steps and the logging cadence may change).
+RESUME_KEYS = ("seed", "batch_size", "lr", "p_aug")
+
+
+def check_resumable(metadata: dict[str, str], config: TrainConfig, fingerprint: str, path: Path) -> None:
+    """Refuse to continue a run on other data or with other settings: the result would be neither run."""
+    problems = []
+    if metadata.get("dataset_fingerprint") != fingerprint:
+        problems.append(f"dataset fingerprint {metadata.get('dataset_fingerprint', '?')[:12]} != "
+                        f"{fingerprint[:12]} of {config.dataset}")
+    saved = json.loads(metadata.get("train_config", "{}"))
+    problems += [f"{key} {saved.get(key)!r} != {getattr(config, key)!r}" for key in RESUME_KEYS
+                 if saved.get(key) != getattr(config, key)]
+    if problems:
+        raise TrainError(f"cannot resume {path}: it was trained with other data or settings ({'; '.join(problems)}); "
+                         "use another --out, or drop --resume to start over")
 
 
 class MetricsLog:
@@ -132,7 +156,7 @@ def train(config: TrainConfig) -> Path:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if config.batch_size % world:
-        raise ValueError(f"batch size {config.batch_size} does not split over {world} processes")
+        raise TrainError(f"batch size {config.batch_size} does not split over {world} processes")
 
     train_data, val_data = load_dataset_pair(config.dataset, env_name=config.env_name or None)
     batch = config.batch_size // world
@@ -149,11 +173,13 @@ def train(config: TrainConfig) -> Path:
     )
     policy = CFGRLPolicy(policy_config).to(device)
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, fused=device.type == "cuda")
+    fingerprint = dataset_fingerprint(config.dataset)
     start_step = 0
     if config.resume and checkpoint_path.exists():
         checkpoint = load_checkpoint(checkpoint_path, device)
         if checkpoint.config != policy_config:
-            raise ValueError(f"cannot resume {checkpoint_path}: its config {checkpoint.config} != {policy_config}")
+            raise TrainError(f"cannot resume {checkpoint_path}: its config {checkpoint.config} != {policy_config}")
+        check_resumable(checkpoint.metadata, config, fingerprint, checkpoint_path)
         policy.load_state_dict(checkpoint.policy.state_dict())
         load_optimizer_tensors(optimizer, {k: v.to(device) for k, v in checkpoint.train_state.items()})
         start_step = checkpoint.step
@@ -162,7 +188,6 @@ def train(config: TrainConfig) -> Path:
         model = DistributedDataParallel(policy, device_ids=[local_rank] if device.type == "cuda" else None)
     if config.compile:
         model = torch.compile(model)
-    fingerprint = dataset_fingerprint(config.dataset)
     metadata = {"train_config": json.dumps(dataclasses.asdict(config))}
 
     def save(step: int) -> None:
@@ -243,7 +268,10 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    checkpoint = train(parse_config(argv))
+    try:
+        checkpoint = train(parse_config(argv))
+    except (TrainError, DatasetError, CheckpointError) as error:
+        raise SystemExit(f"cfgrl-train: error: {error}") from None
     print(f"checkpoint: {checkpoint}")
 
 

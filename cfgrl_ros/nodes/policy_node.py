@@ -14,7 +14,9 @@ Publishes:
 A lifecycle node that configures (load + warm up the policy) and activates itself unless
 autostart is false. The camera callback only stores the newest frame; an inference thread
 (cfgrl_ros.inference_worker) computes actions from it, so frames are dropped, never queued.
-SIGINT/SIGTERM deactivate first, which publishes the stale action (zeros by default) as a stop.
+The stale action (zeros by default: a stop) is published whenever the node cannot act on fresh
+input: stale inputs; once acting, a rejected camera image or goal; a failed inference or a
+non-finite action (never published); and once on deactivation (SIGINT/SIGTERM deactivate first).
 
 Run: cfgrl_node --ros-args --params-file config/cfgrl.yaml -p policy:=/path/ckpt.safetensors
 """
@@ -46,8 +48,8 @@ from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import Image
 from std_msgs.msg import Float32MultiArray
 
-from cfgrl_ros.checkpoint import CheckpointError
-from cfgrl_ros.control import GoalError, Inputs, assess_inputs, goal_vector, stale_action
+from cfgrl_ros.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from cfgrl_ros.control import ActionError, GoalError, Inputs, assess_inputs, checked_action, goal_vector, stale_action
 from cfgrl_ros.engines import Engine, load_engine, to_numpy
 from cfgrl_ros.image import ImageError, fit_to_policy, image_to_rgb
 from cfgrl_ros.inference_worker import InferenceWorker, Mailbox, PolicyStats
@@ -92,10 +94,20 @@ class Goal:
     arrival_s: float
 
 
+@dataclasses.dataclass(frozen=True)
+class Inference:
+    """One guided action and what produced it (the w and flow_steps in use when it ran)."""
+    action: np.ndarray
+    w: float
+    flow_steps: int
+    milliseconds: float
+
+
 class PolicyNode(LifecycleNode):
     def __init__(self, **kwargs) -> None:
         super().__init__(NODE_NAME, **kwargs)
         self._active: Active | None = None
+        self._checkpoint: Checkpoint | None = None  # as loaded at configure: a flow_steps rebuild never rereads the file
         self._flow_steps_generation = 0  # the newest flow_steps request; older preparations are dropped
         self.flow_steps_note = ""
         self.fallback_reason = ""
@@ -143,18 +155,27 @@ class PolicyNode(LifecycleNode):
 
     def _after_parameters_set(self, parameters) -> None:
         for parameter in parameters:
-            if parameter.name == "flow_steps" and self._active and parameter.value != self._active.flow_steps:
-                self._prepare_flow_steps(parameter.value)
+            if parameter.name == "flow_steps" and self._active:
+                self._use_flow_steps(parameter.value)
 
-    def _prepare_flow_steps(self, flow_steps: int) -> None:
-        """Warm a new engine for flow_steps on a thread of its own, then swap it in.
+    def _use_flow_steps(self, flow_steps: int) -> None:
+        """Switch to flow_steps: at once where the engine takes any count, else once a new engine is ready.
 
         Some engines build per step count (onnxruntime exports one model per flow_steps, which takes
-        tens of seconds on a CPU; a TensorRT program runs one count only). Meanwhile the node keeps
-        acting, and stopping on stale input, with the engine it has; a separate engine object means
-        no engine is ever called from two threads.
+        tens of seconds on a CPU; a TensorRT program runs one count only): a new one is warmed up on a
+        thread of its own while the node keeps acting, and stopping on stale input, with the engine it
+        has; a separate engine object means no engine is ever called from two threads.
         """
-        self._flow_steps_generation += 1
+        self._flow_steps_generation += 1  # whatever is still being prepared is superseded (a revert too)
+        active = self._active
+        if flow_steps == active.flow_steps:
+            self.flow_steps_note = ""
+            return
+        if active.engine.any_flow_steps:
+            self._active = Active(active.engine, flow_steps)
+            self.flow_steps_note = ""
+            self.get_logger().info(f"flow_steps {flow_steps} in use")
+            return
         self.flow_steps_note = f"preparing flow_steps {flow_steps}"
         threading.Thread(target=self._load_for_flow_steps, args=(flow_steps, self._flow_steps_generation),
                          name="cfgrl-flow-steps", daemon=True).start()
@@ -165,16 +186,18 @@ class PolicyNode(LifecycleNode):
             return  # cleaned up before this thread ran
         start = time.perf_counter()
         try:
-            engine = load_engine(self.param("policy"), current.engine.name, str(current.engine.device),
+            engine = load_engine(self._checkpoint, current.engine.name, str(current.engine.device),
                                  flow_steps=flow_steps)
         except Exception as error:  # noqa: BLE001 - reported, and the count in use stays
             if generation == self._flow_steps_generation:
-                self.flow_steps_note = f"flow_steps {flow_steps} failed on {current.engine.name}: {error}"
-                self.get_logger().error(f"{self.flow_steps_note}; keeping flow_steps {current.flow_steps}")
+                note = f"flow_steps {flow_steps} failed on {current.engine.name}: {error}"
+                self.get_logger().error(f"{note}; keeping flow_steps {current.flow_steps}")
                 self.set_parameters([Parameter("flow_steps", value=current.flow_steps)])
+                self.flow_steps_note = note  # after the revert, which clears the note
             return
-        if generation != self._flow_steps_generation:
-            return  # superseded by a newer request, or the node was cleaned up
+        if generation != self._flow_steps_generation:  # a newer request, or the node was cleaned up
+            self.get_logger().info(f"flow_steps {flow_steps} ready but superseded: dropped")
+            return
         self._active = Active(engine, flow_steps)
         self.flow_steps_note = ""
         self.get_logger().info(f"flow_steps {flow_steps} in use ({engine.name} ready after "
@@ -191,7 +214,7 @@ class PolicyNode(LifecycleNode):
             self._load_policy()
         except Exception as error:  # rclpy would turn it into ERROR without a word: say why
             self.get_logger().error(f"configure failed: {error}")
-            self._active = None
+            self._active, self._checkpoint = None, None
             return TransitionCallbackReturn.FAILURE
         self._action_pub = self.create_lifecycle_publisher(
             PolicyAction, "action", ACTION_QOS,
@@ -209,7 +232,8 @@ class PolicyNode(LifecycleNode):
             torch.set_num_threads(self.param("cpu_threads"))
         start = time.perf_counter()
         flow_steps = self.param("flow_steps")
-        engine, self.fallback_reason = self._load_engine(path, backend, device, flow_steps)
+        self._checkpoint = load_checkpoint(path)
+        engine, self.fallback_reason = self._load_engine(self._checkpoint, backend, device, flow_steps)
         self._active = Active(engine, flow_steps)
         loaded_s = time.perf_counter() - start
         config = self.engine.config
@@ -219,10 +243,10 @@ class PolicyNode(LifecycleNode):
             f"policy {path}: {config.goal_mode} goals, action_dim {config.action_dim}, engine {self.engine.name} "
             f"on {self.engine.device}; loaded and warmed up in {loaded_s:.2f} s, one more inference {warm_ms:.1f} ms")
 
-    def _load_engine(self, path: str, backend: str, device: str, flow_steps: int) -> tuple[Engine, str]:
+    def _load_engine(self, checkpoint: Checkpoint, backend: str, device: str, flow_steps: int) -> tuple[Engine, str]:
         """The requested engine warmed up at flow_steps, or torch with the reason the requested one failed."""
         try:
-            return load_engine(path, backend, device, flow_steps=flow_steps), ""
+            return load_engine(checkpoint, backend, device, flow_steps=flow_steps), ""
         except CheckpointError:
             raise  # a bad checkpoint fails every backend alike
         except Exception as error:  # noqa: BLE001 - any backend failure falls back to the reference engine
@@ -230,17 +254,30 @@ class PolicyNode(LifecycleNode):
                 raise
             reason = f"{backend} failed ({type(error).__name__}: {error})"
             self.get_logger().warning(f"{reason}; falling back to the torch engine")
-            return load_engine(path, "torch", device, flow_steps=flow_steps), reason
+            return load_engine(checkpoint, "torch", device, flow_steps=flow_steps), reason
 
     def _time_one_inference(self) -> float:
+        """Milliseconds of one inference; an engine whose actions are not finite fails here, before acting."""
         config = self.engine.config
         size = config.image_size
         pixels = torch.zeros((1, size, size, 3), dtype=torch.uint8)
         goal = pixels if config.goal_mode == "image" else torch.zeros((1, config.goal_dim))
-        return self._infer(pixels, goal.to(self.engine.device))[2]
+        inference = self._infer(pixels, goal.to(self.engine.device))
+        checked_action(inference.action)
+        return inference.milliseconds
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         result = super().on_activate(state)  # enables the action publisher before anything can publish
+        try:
+            self._start_acting()
+        except Exception as error:  # rclpy would turn it into ERROR without a word (a bad qos_overrides value)
+            self.get_logger().error(f"activate failed: {error}")
+            self._stop_acting(publish_stop=False)
+            super().on_deactivate(state)
+            return TransitionCallbackReturn.FAILURE
+        return result
+
+    def _start_acting(self) -> None:
         self._trigger = trigger = self.param("trigger")
         rate = self.param("control_rate_hz")
         self.worker = InferenceWorker(self._control_step, self._on_worker_error,
@@ -255,7 +292,6 @@ class PolicyNode(LifecycleNode):
         self.get_logger().info(f"active: trigger {trigger}, control rate {rate:g} Hz, w {self.param('w'):g}, "
                                f"flow_steps {self._active.flow_steps}; camera {camera.topic_name}, "
                                f"goal {goal.topic_name}, action {self._action_pub.topic_name}")
-        return result
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._stop_acting()
@@ -279,8 +315,12 @@ class PolicyNode(LifecycleNode):
         self._release()
         return TransitionCallbackReturn.SUCCESS
 
-    def _stop_acting(self) -> None:
-        """Stop inference and inputs, then publish the stale action once (zeros by default: a stop)."""
+    def _stop_acting(self, publish_stop: bool = True) -> None:
+        """Stop inference and inputs, then publish the stale action once (zeros by default: a stop).
+
+        What this activation saw and did is forgotten, so that a later activation never acts on, or holds,
+        anything from before.
+        """
         if self._control_timer is not None:
             self.destroy_timer(self._control_timer)
             self._control_timer = None
@@ -290,10 +330,13 @@ class PolicyNode(LifecycleNode):
         for subscription in self._subscriptions_active:
             self.destroy_subscription(subscription)
         self._subscriptions_active = []
-        if self.engine is not None:
+        if publish_stop and self.engine is not None:
             self._publish_stale()
             # Reliable: make sure the stop reaches current subscribers before the publisher goes quiet.
             self._action_pub.wait_for_all_acked(Duration(seconds=0.5))
+        self._observation, self._last_action, self._frame_unacted = None, None, False
+        self._camera_arrival_s = None
+        self.frames.clear()
 
     def _release(self) -> None:
         if self._diagnostics_timer is not None:
@@ -304,7 +347,8 @@ class PolicyNode(LifecycleNode):
             self.destroy_lifecycle_publisher(self._action_pub)
         self._action_pub = self._diagnostics_pub = self._diagnostics_timer = None
         self._flow_steps_generation += 1  # a flow_steps preparation still running is dropped
-        self._active, self._goal, self._observation, self._last_action = None, None, None, None
+        self._active, self._checkpoint = None, None
+        self._goal, self._observation, self._last_action = None, None, None
         self._frame_unacted = False
         self._camera_arrival_s = self._goal_arrival_s = None
         self.frames.clear()
@@ -318,14 +362,16 @@ class PolicyNode(LifecycleNode):
             resolved = self.resolve_topic_name(topic)
             return SubscriptionEventCallbacks(incompatible_qos=lambda info: self._on_requested_incompatible_qos(resolved, info))
 
+        # Each kept as soon as it exists: a failure after the first (a bad QoS override) must not leak it.
         camera = self.create_subscription(
             Image, "camera/image", self._on_camera, CAMERA_QOS, event_callbacks=events("camera/image"),
             qos_overriding_options=QoSOverridingOptions.with_default_policies())
+        self._subscriptions_active.append(camera)
         goal_type, on_goal = ((Image, self._on_goal_image) if self.engine.config.goal_mode == "image"
                               else (Float32MultiArray, self._on_goal_vector))
         goal = self.create_subscription(goal_type, self._goal_topic(), on_goal, LATCHED_QOS,
                                         event_callbacks=events(self._goal_topic()))
-        self._subscriptions_active = [camera, goal]
+        self._subscriptions_active.append(goal)
         self._input_topics = (camera.topic_name, goal.topic_name)  # resolved: namespace and remaps applied
 
     def _now_s(self) -> float:
@@ -367,7 +413,7 @@ class PolicyNode(LifecycleNode):
         self._goal = None
         self.stats.rejected_goals += 1
         self.stats.last_goal_error = reason
-        self.get_logger().error(f"{reason}; no actions until a valid goal arrives",
+        self.get_logger().error(f"{reason}; nothing computed until a valid goal arrives",
                                 throttle_duration_sec=THROTTLE_S)
 
     def _decode(self, message: Image, what: str) -> np.ndarray:
@@ -390,15 +436,21 @@ class PolicyNode(LifecycleNode):
                                goal.arrival_s if goal else None,
                                self.param("max_image_age_s"), self.param("max_goal_age_s"))
         self._note_inputs(inputs)
-        if inputs.stale:
+        # Once acting, losing an input (a rejected image or goal) stops like stale input does.
+        if inputs.stale or (inputs.missing and self._last_action is not None):
             self._publish_stale()
             return False
         if inputs is not Inputs.FRESH or (self._trigger == "image" and not self._frame_unacted):
             return False
-        action, flow_steps, inference_ms = self._infer(observation.pixels, goal.tensor)
+        inference = self._infer(observation.pixels, goal.tensor)
+        try:
+            action = checked_action(inference.action)
+        except ActionError as error:  # never published: the stale action (a stop by default) instead
+            self._on_worker_error(error)
+            return True
         self._last_action = action
         if self.param("enable_control"):
-            self._publish(action, observation.stamp, flow_steps, inference_ms)
+            self._publish(action, observation.stamp, inference.w, inference.flow_steps, inference.milliseconds)
             if self._frame_unacted:  # first action from this frame: its arrival-to-publish latency
                 self.stats.latency_ms.add((time.monotonic() - observation.arrival_monotonic) * 1e3)
         self._frame_unacted = False
@@ -411,7 +463,8 @@ class PolicyNode(LifecycleNode):
             self._observation = None  # the camera's newest frame is unusable: act on nothing older
             self.stats.rejected_images += 1
             self.stats.last_image_error = str(error)
-            self.get_logger().error(f"camera image rejected, no action: {error}", throttle_duration_sec=THROTTLE_S)
+            self.get_logger().error(f"camera image rejected, nothing computed from it: {error}",
+                                    throttle_duration_sec=THROTTLE_S)
             return False
         self._observation = Observation(torch.from_numpy(pixels)[None], frame.message.header.stamp,
                                         frame.arrival_s, frame.arrival_monotonic)
@@ -428,41 +481,49 @@ class PolicyNode(LifecycleNode):
             topic = self._input_topics[inputs is Inputs.NO_GOAL]
             self.get_logger().warning(f"{inputs.value} on {topic}: no actions", throttle_duration_sec=THROTTLE_S)
 
-    def _infer(self, pixels: torch.Tensor, goal: torch.Tensor) -> tuple[np.ndarray, int, float]:
-        """One guided action: (action, flow_steps used, milliseconds)."""
-        active = self._active
-        w = torch.full((1,), self.param("w"))
+    def _infer(self, pixels: torch.Tensor, goal: torch.Tensor) -> Inference:
+        active, w = self._active, self.param("w")  # read once: the message reports what was used
         noise = torch.randn((1, active.engine.config.action_dim), generator=self.generator)
         start = time.perf_counter()
-        action = to_numpy(active.engine.infer(pixels, goal, w, noise, active.flow_steps))[0]
+        action = to_numpy(active.engine.infer(pixels, goal, torch.full((1,), w), noise, active.flow_steps))[0]
         inference_ms = (time.perf_counter() - start) * 1e3
         self.stats.inference_ms.add(inference_ms)
         self.stats.inference_rate.tick()
-        return action, active.flow_steps, inference_ms
+        return Inference(action, w, active.flow_steps, inference_ms)
 
     def _publish_stale(self) -> None:
         action = stale_action(self.param("stale_action"), self._last_action, self.engine.config.action_dim)
         if action is None or not self.param("enable_control"):
             return
         observation = self._observation
-        self._publish(action, observation.stamp if observation else Time(), self._active.flow_steps, 0.0)
+        self._publish(action, observation.stamp if observation else Time(), self.param("w"),
+                      self._active.flow_steps, 0.0)
         self.stats.stale_actions += 1
 
-    def _publish(self, action: np.ndarray, image_stamp: Time, flow_steps: int, inference_ms: float) -> None:
+    def _publish(self, action: np.ndarray, image_stamp: Time, w: float, flow_steps: int,
+                 inference_ms: float) -> None:
         message = PolicyAction()
         message.header.stamp = self.get_clock().now().to_msg()
         message.header.frame_id = self.param("frame_id")
         message.image_stamp = image_stamp
         message.action = action.astype(np.float32).tolist()
-        message.w = self.param("w")
+        message.w = w
         message.flow_steps = flow_steps
         message.inference_time_ms = inference_ms
         self._action_pub.publish(message)
         self.stats.action_rate.tick()
 
     def _on_worker_error(self, error: BaseException) -> None:
+        """A failed control step: reported, and the robot gets the stale action (a stop by default)."""
         self.stats.record_error(error)
-        self.get_logger().error(f"inference failed: {type(error).__name__}: {error}", throttle_duration_sec=THROTTLE_S)
+        self.get_logger().error(f"inference failed: {type(error).__name__}: {error}; stale_action "
+                                f"'{self.param('stale_action')}'", throttle_duration_sec=THROTTLE_S)
+        try:
+            if self._active is not None and self._action_pub is not None:
+                self._publish_stale()
+        except Exception as publish_error:  # noqa: BLE001 - the worker thread must survive its error handler
+            self.get_logger().error(f"publishing the stale action failed too: {publish_error}",
+                                    throttle_duration_sec=THROTTLE_S)
 
     # ---------------------------------------------------------------- diagnostics
     def _on_requested_incompatible_qos(self, topic: str, info) -> None:
