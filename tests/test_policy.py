@@ -220,6 +220,12 @@ def test_corrupt_checkpoints_give_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not a cfgrl_ros checkpoint"):
         load_checkpoint(foreign)
 
+    diverged = make_policy()  # intact file, valid digest, unusable weights
+    with torch.no_grad():
+        diverged.null_goal.fill_(float("nan"))
+    with pytest.raises(CheckpointError, match="NaN or inf weights \\(null_goal\\).*diverge"):
+        load_checkpoint(save_checkpoint(tmp_path / "diverged.safetensors", diverged))
+
 
 def test_core_imports_without_ros():
     """The ROS-free core must import where rclpy and the ROS messages cannot (blocked here)."""
