@@ -149,15 +149,17 @@ PARAMETERS: tuple[ParamSpec, ...] = (
 SPECS: dict[str, ParamSpec] = {spec.name: spec for spec in PARAMETERS}
 
 
-def validate_changes(changes: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
-    """Check a batch of changes against the table; the first reason found, or None when all are valid.
+def validate_changes(changes: Mapping[str, Any], current: Mapping[str, Any],
+                     specs: Mapping[str, ParamSpec] = SPECS) -> str | None:
+    """Check a batch of changes against a table (the policy node's by default); the first reason found, or
+    None when all are valid.
 
     Read-only parameters are refused by ROS itself after start-up; here they are validated like the
     rest, which is what catches a bad value in the params file at declaration.
     """
     merged = {**current, **changes}
     for name, value in changes.items():
-        spec = SPECS.get(name)
+        spec = specs.get(name)
         if spec is None:
             continue  # not ours (use_sim_time, qos_overrides.*): ROS validates those
         reason = spec.validate(value, merged)

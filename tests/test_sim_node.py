@@ -264,6 +264,49 @@ def test_params_file_lists_every_sim_parameter(ros_session, ros_env, tmp_path):
     assert declared == set(in_file)
 
 
+def test_bad_parameters_are_refused_with_a_reason(ros_session, ros_env, tmp_path):
+    """A value the sim cannot run with is refused (at start-up: exit 2 with the reason; live: the set fails),
+    never a crash or a stalled episode."""
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+    from rclpy.parameter import Parameter
+    from rclpy.parameter_client import AsyncParameterClient
+
+    from cfgrl_ros.nodes.processes import SIM_MODULE
+
+    refused = start(ros_session, SIM_MODULE, {"env_name": "pointreach", "control_rate_hz": 0}, tmp_path, "zero",
+                    ros_env)
+    assert refused.process.wait(STARTUP_S) == 2
+    assert "control_rate_hz must be finite and within [0.1, 1000], got 0" in refused.log()
+
+    # An integer rate is a rate (no type error), and live changes are validated.
+    sim = start(ros_session, SIM_MODULE, {"env_name": "pointreach", "control_rate_hz": 10, "autostart": False},
+                tmp_path, "sim", ros_env)
+    node = Node("param_setter")
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    client = AsyncParameterClient(node, "cfgrl_sim")
+    deadline = time.monotonic() + STARTUP_S
+    while not client.services_are_ready():
+        sim.check_alive()
+        assert time.monotonic() < deadline, "sim node parameter services"
+        executor.spin_once(timeout_sec=0.05)
+
+    def set_parameter(name, value):
+        future = client.set_parameters([Parameter(name, value=value)])
+        executor.spin_until_future_complete(future, timeout_sec=30)
+        return future.result().results[0]
+
+    for name, value, reason in (("resend_timeout_s", float("nan"), "resend_timeout_s must be finite"),
+                                ("task_id", 9, "task_id"), ("auto_reset", "yes", "must be true or false"),
+                                ("control_rate_hz", 20.0, "read-only")):
+        result = set_parameter(name, value)
+        assert not result.successful and reason in result.reason, (name, result.reason)
+    assert set_parameter("resend_timeout_s", 1).successful  # an integer number of seconds
+    assert set_parameter("task_id", 5).successful
+    sim.check_alive()
+
+
 def test_sim_launch_file():
     """launch/sim.launch.py: valid Python everywhere; its nodes and parameters where launch_ros exists."""
     path = REPO_ROOT / "launch" / "sim.launch.py"

@@ -19,11 +19,13 @@ A bad action (wrong length, NaN/inf, out of bounds) is logged as an error, count
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import rclpy
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.duration import Duration
+from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -33,24 +35,42 @@ from std_msgs.msg import Float32MultiArray, String
 from std_srvs.srv import Trigger
 
 from cfgrl_ros.msg import PolicyAction
+from cfgrl_ros.node_params import ParamSpec, any_int, any_string, boolean, finite_in, int_in, one_of, validate_changes
 from cfgrl_ros.nodes import bridge
 from cfgrl_ros.sim import ActionLatch, BadActionError, Episode, SimConfigError, check_task_id, make_sim
 
 CLOCKS = ("lockstep", "realtime")
 SIM_TIME_START_NS = 1_000_000_000  # sim time 0 means "no clock yet" to use_sim_time nodes
 
+# Every parameter, validated like the policy node's (node_params.py): a bad value is refused with a reason.
+PARAMETERS = (
+    ParamSpec("env_name", "visual-cube-single-v0", "OGBench visual task id, or pointreach.", any_string, "start"),
+    ParamSpec("task_id", 1, "Task for the next reset (1 to the env's task count).", int_in(1, 10_000), "live"),
+    ParamSpec("seed", 0, "Env seed for the next reset.", any_int, "live"),
+    ParamSpec("max_episode_steps", 0, "Steps per episode; 0: the env's own limit.", int_in(0, 10**7), "start"),
+    ParamSpec("clock", "lockstep", "lockstep: one env step per action; realtime: a timer steps the env.",
+              one_of(CLOCKS), "start"),
+    ParamSpec("control_rate_hz", 10.0, "realtime: env steps per second.", finite_in(0.1, 1000.0), "start"),
+    ParamSpec("resend_timeout_s", 2.0, "lockstep: publish the frame again after this long without a usable action.",
+              finite_in(0.01, 3600.0), "live"),
+    ParamSpec("auto_reset", False, "Start the next episode (seed + 1) when one ends.", boolean, "live"),
+    ParamSpec("autostart", True, "Start an episode at start-up.", boolean, "start"),
+    ParamSpec("shadow_size", 0, "Shadow-map size; 0: the env's own.", int_in(0, 16384), "start"),
+    ParamSpec("image_size", 0, "pointreach only: camera size; 0: 64.", int_in(0, 1024), "start"),
+    ParamSpec("frame_id", "camera", "frame_id of the camera images.", any_string, "live"),
+)
+SPECS = {spec.name: spec for spec in PARAMETERS}
+
 
 class SimNode(Node):
     def __init__(self, **kwargs):
         super().__init__("cfgrl_sim", **kwargs)
         self._declare_parameters()
-        self.clock_mode = self.get_parameter("clock").value
-        if self.clock_mode not in CLOCKS:
-            raise SimConfigError(f"clock must be one of {CLOCKS}, got {self.clock_mode!r}")
-        steps = self.get_parameter("max_episode_steps").value
-        self.sim = make_sim(self.get_parameter("env_name").value, steps or None,
-                            self.get_parameter("shadow_size").value, self.get_parameter("image_size").value or None)
-        self.frame_id = self.get_parameter("frame_id").value
+        self.clock_mode = self.param("clock")
+        steps = self.param("max_episode_steps")
+        self.sim = make_sim(self.param("env_name"), steps or None,
+                            self.param("shadow_size"), self.param("image_size") or None)
+        self.frame_id = self.param("frame_id")
         self.sim_time_ns = SIM_TIME_START_NS
         self.period_ns = int(round(self.sim.control_period_s * 1e9))
         self.episode: Episode | None = None
@@ -66,43 +86,41 @@ class SimNode(Node):
         self.status_pub = self.create_publisher(String, bridge.STATUS_TOPIC, bridge.LATCHED_QOS)
         self.clock_pub = self.create_publisher(Clock, "/clock", 10) if self.clock_mode == "lockstep" else None
         self.create_subscription(PolicyAction, bridge.ACTION_TOPIC, self.on_action, bridge.ACTION_QOS)
-        self.add_on_set_parameters_callback(self._check_parameters)
         if self.clock_mode == "lockstep":
             self.create_timer(0.1, self._resend_if_stalled)
         else:
-            self.create_timer(1.0 / self.get_parameter("control_rate_hz").value, self._on_tick)
+            self.create_timer(1.0 / self.param("control_rate_hz"), self._on_tick)
         # Created last: a client that sees the service knows the env is built and the topics exist.
         self.create_service(Trigger, "reset", self.on_reset)
         self.get_logger().info(
             f"{self.sim.env_name}: {self.sim.num_tasks} tasks, action dim {self.sim.action_dim}, "
             f"{self.sim.max_episode_steps} steps per episode, clock {self.clock_mode}")
-        if self.get_parameter("autostart").value:
+        if self.param("autostart"):
             self.start_episode()
 
     def _declare_parameters(self) -> None:
-        self.declare_parameter("env_name", "visual-cube-single-v0")
-        self.declare_parameter("task_id", 1, ParameterDescriptor(description="task for the next reset (1-5)"))
-        self.declare_parameter("seed", 0, ParameterDescriptor(description="env seed for the next reset"))
-        self.declare_parameter("max_episode_steps", 0, ParameterDescriptor(description="0: the env's own limit"))
-        self.declare_parameter("clock", "lockstep", ParameterDescriptor(description="lockstep | realtime"))
-        self.declare_parameter("control_rate_hz", 10.0)
-        self.declare_parameter("resend_timeout_s", 2.0)
-        self.declare_parameter("auto_reset", False, ParameterDescriptor(description="next episode (seed+1) at the end"))
-        self.declare_parameter("autostart", True)
-        self.declare_parameter("shadow_size", 0, ParameterDescriptor(description="0: the env's shadow map"))
-        self.declare_parameter("image_size", 0, ParameterDescriptor(description="pointreach only; 0: 64"))
-        self.declare_parameter("frame_id", "camera")
+        self.sim = None  # the env's task count is known once it is built; task_id is checked against it then
+        self.add_on_set_parameters_callback(self._check_parameters)  # before declaring: checks the params file too
+        for spec in PARAMETERS:  # dynamic typing: `control_rate_hz:=10` (an integer) is accepted, not a crash
+            self.declare_parameter(spec.name, spec.default, ParameterDescriptor(
+                description=spec.full_description, read_only=spec.read_only, dynamic_typing=True))
+
+    def param(self, name: str):
+        value = self.get_parameter(name).value
+        return float(value) if SPECS[name].is_float else value
 
     def _check_parameters(self, parameters) -> SetParametersResult:
-        for parameter in parameters:
-            if parameter.name == "task_id":
-                try:
-                    check_task_id(parameter.value, self.sim.num_tasks)
-                except SimConfigError as error:
-                    return SetParametersResult(successful=False, reason=str(error))
-            if parameter.name in ("env_name", "clock", "max_episode_steps", "shadow_size", "image_size",
-                                  "control_rate_hz"):
-                return SetParametersResult(successful=False, reason=f"{parameter.name} is fixed at start-up")
+        current = {spec.name: self.get_parameter(spec.name).value for spec in PARAMETERS if self.has_parameter(spec.name)}
+        changes = {p.name: p.value for p in parameters}
+        reason = validate_changes(changes, current, SPECS)
+        if reason is None and "task_id" in changes and self.sim is not None:
+            try:
+                check_task_id(changes["task_id"], self.sim.num_tasks)
+            except SimConfigError as error:
+                reason = str(error)
+        if reason is not None:
+            self.get_logger().warning(f"parameter change refused: {reason}")
+            return SetParametersResult(successful=False, reason=reason)
         return SetParametersResult(successful=True)
 
     def _reset_counters(self) -> None:
@@ -114,8 +132,8 @@ class SimNode(Node):
 
     # Episodes ---------------------------------------------------------------------------------
     def start_episode(self) -> dict:
-        task_id = self.get_parameter("task_id").value
-        seed = self.get_parameter("seed").value
+        task_id = self.param("task_id")
+        seed = self.param("seed")
         self.episode = Episode(self.sim, task_id, seed)
         self.episode_index += 1
         self._reset_counters()
@@ -148,8 +166,8 @@ class SimNode(Node):
         self.result_pub.publish(bridge.json_message(result))
         self.get_logger().info(f"episode {self.episode_index} ended: success={result['success']} "
                                f"after {result['steps']} steps")
-        if self.get_parameter("auto_reset").value:
-            seed = self.get_parameter("seed").value
+        if self.param("auto_reset"):
+            seed = self.param("seed")
             self.set_parameters([Parameter("seed", value=seed + 1)])
             self.start_episode()
 
@@ -197,7 +215,7 @@ class SimNode(Node):
         started = time.monotonic()
         action, _ = self.latch.take()
         self._step(action)
-        if time.monotonic() - started > 1.0 / self.get_parameter("control_rate_hz").value:
+        if time.monotonic() - started > 1.0 / self.param("control_rate_hz"):
             self.overruns += 1
 
     # Output -----------------------------------------------------------------------------------
@@ -224,25 +242,29 @@ class SimNode(Node):
     def _resend_if_stalled(self) -> None:
         if self.episode is None or self.episode.done:
             return
-        if time.monotonic() - self.last_frame_wall > self.get_parameter("resend_timeout_s").value:
+        if time.monotonic() - self.last_frame_wall > self.param("resend_timeout_s"):
             self.resends += 1
             self.camera_pub.publish(bridge.rgb_image(self.episode.image, self.frame_stamp, self.frame_id))
             self.last_frame_wall = time.monotonic()
 
 
-def main(args=None) -> None:
+def main(args=None) -> int:
     rclpy.init(args=args)
     node = None
     try:
         node = SimNode()
         rclpy.spin(node)
+    except (ParameterException, SimConfigError) as error:  # a bad value in the params file or on the command line
+        rclpy.logging.get_logger("cfgrl_sim").fatal(str(error))
+        return 2
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
