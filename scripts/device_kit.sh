@@ -5,7 +5,7 @@
 # `.devkit` in the device call's carry:
 #   .devkit/site-py312.tar.gz  mujoco, dm_control (the parts OGBench imports), ogbench, gymnasium and
 #                              their small pure-Python needs, built for CPython 3.12, versions from
-#                              constraints.txt (the CI venv's), ~28 MB
+#                              constraints.txt (the CI venv's), ~25 MB
 #   .devkit/gl/*.deb           Debian's libglvnd EGL/GL loaders (the NVIDIA driver supplies the rest)
 #   .devkit/MANIFEST           what is inside, with sha256 sums
 # A second run with an unchanged constraints.txt reuses the downloaded wheels.

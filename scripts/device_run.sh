@@ -2,15 +2,18 @@
 # The GPU checks, as one prepared script for the lent GPU machine (H100/H200, Python 3.12 with torch,
 # no network), which a task gets for 15 minutes in all. Build the kit here first
 # (`bash scripts/device_kit.sh`), then call the device tool's run with
-#   command: CFGRL_CODE_VERSION=0.1.0+<commit> bash scripts/device_run.sh headline   (or check)
+#   command: CFGRL_CODE_VERSION=0.1.0+<commit> bash scripts/device_run.sh headline   (or headline image, check)
 #   carry:   [".devkit/site-py312.tar.gz", ".devkit/gl"]
 #   timeout_s: 590
 # docs/gpu.md says what each part measures, how long it takes and what to do with the results.
 # Parts:
 #   check     the CUDA tests that skip on CPU machines; dataset generation throughput (issue 3);
 #             training steps/s; engine latency (cuda_graph vs eager)
-#   headline  `training.reproduce` at the device-10min scale (issue 7): generate, train, evaluate w in
-#             {0, 1, 1.5, 2, 3, 4}, report; the checkpoint comes back in fp16
+#   headline [oracle|image]
+#             `training.reproduce` at the device-10min scale (issue 7): generate, train, evaluate w in
+#             {0, 1, 1.5, 2, 3, 4}, report; the checkpoint comes back in fp16. Oracle goals (the paper's)
+#             by default; `image` repeats it with goal images on the same dataset (runs/device/data), so
+#             on a machine still warm from the oracle run it only trains and evaluates
 # Every step has its own time limit, none runs past DEVICE_DEADLINE_S (570 s, inside the call's 590),
 # and the script goes on after a failed one, most important first. What comes back in
 # $OUT (at most 8 files): device.log (everything), figures.md (the measured figures), and for the
@@ -138,11 +141,12 @@ check_engines() {
 }
 
 headline() {
-  local run="$RUN_DIR/visual-cube-single-oracle" report
+  local goal_mode="$1" report
+  local run="$RUN_DIR/visual-cube-single-$goal_mode"
   local settings=(--scale device-10min --workers 16 --device cuda)
   ((REHEARSAL)) && settings=(--scale smoke --device cpu)
-  step headline 540 "$PYTHON" -m training.reproduce --task visual-cube-single --goal-mode oracle \
-    --out "$run" "${settings[@]}"
+  step headline 540 "$PYTHON" -m training.reproduce --task visual-cube-single --goal-mode "$goal_mode" \
+    --out "$run" --data-dir "$RUN_DIR/data" "${settings[@]}"
   report="$run/report"
   [[ -f $report/report.md ]] || { log "headline: no report (yet); the same call again resumes"; return 1; }
   cp "$report/report.md" "$report/success_vs_w.png" "$report/comparison.json" "$OUT/" 2>>"$LOG"
@@ -151,8 +155,10 @@ headline() {
 }
 
 main() {
-  local part="${1:-check}"
-  case "$part" in check | headline) ;; *) echo "usage: $0 check|headline" >&2; exit 2 ;; esac
+  local part="${1:-check}" goal_mode="${2:-oracle}"
+  local usage="usage: $0 check | headline [oracle|image]"
+  case "$part" in check | headline) ;; *) echo "$usage" >&2; exit 2 ;; esac
+  case "$goal_mode" in oracle | image) ;; *) echo "$usage" >&2; exit 2 ;; esac
   : >"$LOG"; : >"$FIGURES"
   if ((REHEARSAL)); then
     [[ $part == headline ]] || { echo "$0: a rehearsal runs headline only; check needs the GPU" >&2; exit 2; }
@@ -166,7 +172,7 @@ main() {
     check_training
     check_engines
   else
-    headline
+    headline "$goal_mode"
   fi
   log "done in $((SECONDS - RUN_START)) s; figures in $FIGURES"
   cat "$FIGURES"

@@ -18,11 +18,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "device_run.sh"
 
 
-def rehearse(tmp_path: Path, part: str) -> subprocess.CompletedProcess:
+def rehearse(tmp_path: Path, *arguments: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "DEVICE_REHEARSAL": "1", "OUT": str(tmp_path / "out"),
            "DEVICE_RUN_DIR": str(tmp_path / "run"), "PYTHON": sys.executable}
-    return subprocess.run(["bash", str(SCRIPT), part], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(["bash", str(SCRIPT), *arguments], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
 
 
 def test_headline_rehearsal_brings_back_the_report_and_an_fp16_policy(tmp_path):
@@ -41,9 +41,13 @@ def test_headline_rehearsal_brings_back_the_report_and_an_fp16_policy(tmp_path):
         assert {str(handle.get_tensor(k).dtype) for k in handle.keys() if "weight" in k} == {"torch.float16"}
     assert load_checkpoint(policy).metadata["dataset_fingerprint"] == load_checkpoint(trained).metadata["dataset_fingerprint"]
     assert policy.stat().st_size < trained.stat().st_size / 2  # no optimizer state, half-width floats
+    assert (tmp_path / "run" / "data" / "visual-cube-single-play-v0.npz").is_file()  # where `headline image` looks
 
 
-def test_check_is_refused_off_the_gpu_machine(tmp_path):
+def test_check_is_refused_off_the_gpu_machine_and_parts_are_checked(tmp_path):
     result = rehearse(tmp_path, "check")
     assert result.returncode == 2 and "check needs the GPU" in result.stderr
+    for arguments in (("headline", "goals"), ("train",)):
+        result = rehearse(tmp_path, *arguments)
+        assert result.returncode == 2 and "usage:" in result.stderr and "headline [oracle|image]" in result.stderr
     assert not (tmp_path / "run").exists()
