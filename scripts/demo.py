@@ -15,8 +15,8 @@ evaluation tasks x 10 episodes for each w, 30 steps each: 3,000 lockstep steps, 
 on a 2-core CPU. A visual-cube policy of your own runs the same way:
 
     bash scripts/demo.sh                                          # setup + the default
-    python scripts/demo.py --env visual-cube-single-v0 --policy my_cube.safetensors --tasks 2 3
-                                   # one 200-step episode per task and w: ~45 s each on a 2-core CPU
+    python scripts/demo.py --env visual-cube-single-v0 --policy my_cube.safetensors --tasks 2 3 \
+        --episodes-per-task 1          # one <=200-step episode per task and w: ~45 s each on a 2-core CPU
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--w", type=float, nargs="+", default=[1.0, 3.0])
     parser.add_argument("--tasks", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--episodes-per-task", type=int, default=10)
-    parser.add_argument("--max-steps", type=int, default=None, help="episode limit (default: the env's, 200)")
+    parser.add_argument("--max-steps", type=int, default=None, help="episode limit (default: the env's own: pointreach 30, visual-cube-single 200)")
     parser.add_argument("--shadow-size", type=int, default=1024, help="shadow map size; 0 = OGBench's 4096")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default=str(REPO_ROOT / "runs" / "demo"))

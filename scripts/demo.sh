@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job: set-up (fast when nothing changed), then the default policy driving the simulated
-# visual-cube-single task through the ROS 2 policy node for w=1 and w=3 (scripts/demo.py).
+# The main job: set-up (fast when nothing changed), then the embedded default policy driving the
+# simulated PointReach task through the ROS 2 policy node for w=1 and w=3 (scripts/demo.py;
+# `--env visual-cube-single-v0 --policy <checkpoint>` runs OGBench's visual-cube-single instead).
 # Extra arguments go to scripts/demo.py, e.g. `bash scripts/demo.sh --tasks 1 2 3 4 5`.
 set -euo pipefail
 

@@ -1,7 +1,7 @@
 """Offline CFGRL training: flow matching with 10% goal dropout, nothing else.
 
     cfgrl-train --dataset data/visual-cube-single-play-v0.npz --goal-mode oracle --out runs/cube
-    cfgrl-train --config config/train_cube.yaml --steps 1000            # flags override YAML
+    cfgrl-train --config config/train_visual_cube.yaml --steps 1000            # flags override YAML
     torchrun --nproc-per-node 4 -m training.train --dataset ...          # DistributedDataParallel
 
 Every run directory holds checkpoint.safetensors (policy + optimizer, resumable with --resume),
