@@ -279,13 +279,23 @@ def broken(arrays, kind):
         arrays["terminals"][-1] = False
     elif kind == "non-binary terminals":
         arrays["terminals"] = arrays["terminals"] * 2
+    elif kind == "float64 overflow":  # finite as float64, inf once read as float32
+        arrays["actions"] = arrays["actions"].astype(np.float64)
+        arrays["actions"][3, 1] = 1e39
+    elif kind == "actions out of bounds":
+        arrays["actions"][4] *= 1000
+    elif kind == "non-square images":
+        arrays["observations"] = arrays["observations"][:, :, :12]
     return arrays
 
 
 @pytest.mark.parametrize("kind, message", [
-    ("float observations", "uint8 .N,H,W,3. image array, got float32"),
-    ("grey observations", "uint8 .N,H,W,3. image array"),
-    ("nan actions", "actions hold NaN/inf in 1 rows .first: row 3"),
+    ("float observations", "uint8 .N,S,S,3. array of square images, got float32"),
+    ("grey observations", "uint8 .N,S,S,3. array"),
+    ("non-square images", "square images, got uint8 .22, 16, 12, 3."),
+    ("float64 overflow", "actions hold NaN/inf .as float32. in 1 rows .first: row 3"),
+    ("actions out of bounds", "actions must lie in \\[-1, 1\\].* at row 4: rescale them"),
+    ("nan actions", "actions hold NaN/inf .as float32. in 1 rows .first: row 3"),
     ("inf oracle", "oracle_reps hold NaN/inf"),
     ("missing actions", "missing keys \\['actions'\\]"),
     ("short actions", "'actions' has shape .* observations have 22 rows"),
@@ -322,6 +332,29 @@ def test_observations_are_decompressed_once_and_memory_mapped(tmp_path):
     # an explicit cache_dir keeps the dataset directory clean
     load_dataset(tmp_path / "tiny-play-v0-val.npz", cache_dir=tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("tiny-play-v0-val.observations.*.npy"))) == 1
+
+
+def test_datasets_of_one_name_and_size_never_share_a_cache(tmp_path):
+    """Same stem, shapes and mtime in one cache directory: each still reads its own images."""
+    first, second = tmp_path / "a" / "tiny-play-v0.npz", tmp_path / "b" / "tiny-play-v0.npz"
+    for path, seed in ((first, 0), (second, 5)):
+        path.parent.mkdir()
+        np.savez(path, **make_arrays(seed=seed))  # uncompressed: equal shapes give equal sizes
+    assert first.stat().st_size == second.stat().st_size
+    os.utime(second, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns))
+    cache = tmp_path / "cache"
+    a, b = load_dataset(first, cache_dir=cache), load_dataset(second, cache_dir=cache)
+    with np.load(second) as source:
+        np.testing.assert_array_equal(b.observations, source["observations"])
+    assert not np.array_equal(a.observations, b.observations)
+    assert len(list(cache.glob("tiny-play-v0.observations.*.npy"))) == 2
+
+
+def test_splits_that_do_not_fit_one_policy_are_refused(tmp_path):
+    path = write_pair(tmp_path)
+    np.savez_compressed(tmp_path / "tiny-play-v0-val.npz", **make_arrays(lengths=(4, 3), image_size=8))
+    with pytest.raises(DatasetError, match="observations per row .8, 8, 3. differ from the training split's .16, 16, 3."):
+        load_dataset_pair(path)
 
 
 def test_fingerprint_is_stable_and_content_sensitive(tmp_path):

@@ -96,10 +96,24 @@ def load_dataset_pair(
         raise DatasetError(f"{train_path}: dataset file not found")
     if not val_path.is_file():
         raise DatasetError(f"{train_path}: validation split not found (looked for {val_path})")
-    return (
-        load_dataset(train_path, env_name=env_name, cache_dir=cache_dir),
-        load_dataset(val_path, env_name=env_name, cache_dir=cache_dir),
-    )
+    train_data = load_dataset(train_path, env_name=env_name, cache_dir=cache_dir)
+    val_data = load_dataset(val_path, env_name=env_name, cache_dir=cache_dir)
+    _check_same_layout(train_data, val_data)
+    return train_data, val_data
+
+
+def _check_same_layout(train: OfflineDataset, val: OfflineDataset) -> None:
+    """The splits must fit one policy: found now, not at the first validation after hours of training."""
+    shapes = {
+        "observations": (train.observations.shape[1:], val.observations.shape[1:]),
+        "actions": (train.actions.shape[1:], val.actions.shape[1:]),
+    }
+    if train.oracle_reps is not None or val.oracle_reps is not None:
+        shapes["oracle_reps"] = tuple(None if d.oracle_reps is None else d.oracle_reps.shape[1:] for d in (train, val))
+    for key, (ours, theirs) in shapes.items():
+        if ours != theirs:
+            raise DatasetError(f"{val.path}: {key} per row {theirs} differ from the training split's {ours} "
+                               f"({train.path})")
 
 
 def load_dataset(
@@ -119,6 +133,7 @@ def load_dataset(
             arrays = {key: _read_member(archive, key) for key in (*REQUIRED_KEYS[1:], *OPTIONAL_KEYS) if key in keys}
             _validate(path, num_rows, arrays)
             cache = _observations_cache(path, archive, cache_dir)
+        observations = np.load(cache, mmap_mode="r")  # a header that claims more rows than stored fails here
     except DatasetError:
         raise
     except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as error:  # ValueError: bad .npy content
@@ -134,7 +149,7 @@ def load_dataset(
         optional["oracle_reps"] = optional["oracle_reps"].astype(np.float32, copy=False)
     return OfflineDataset(
         path=path,
-        observations=np.load(cache, mmap_mode="r"),
+        observations=observations,
         actions=arrays["actions"].astype(np.float32, copy=False),
         terminals=terminals,
         valids=valids,
@@ -151,9 +166,9 @@ def _check_observations_header(path: Path, archive: zipfile.ZipFile) -> int:
             raise DatasetError(f"{path}: observations use unsupported .npy format version {version}")
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran_order, dtype = read_header(stream)
-    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran_order:
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[1] != shape[2] or fortran_order:
         raise DatasetError(
-            f"{path}: observations must be a C-ordered uint8 (N,H,W,3) image array, got {dtype} {shape}"
+            f"{path}: observations must be a C-ordered uint8 (N,S,S,3) array of square images, got {dtype} {shape}"
             + (" in Fortran order" if fortran_order else "")
         )
     if shape[0] == 0:
@@ -174,9 +189,17 @@ def _validate(path: Path, num_rows: int, arrays: dict[str, np.ndarray]) -> None:
         array = arrays.get(key)
         if array is not None and (array.ndim != 2 or array.dtype.kind != "f"):
             raise DatasetError(f"{path}: {key} must be a float (N,D) array, got {array.dtype} {array.shape}")
-        if array is not None and not np.isfinite(array).all():
-            bad_rows = np.flatnonzero(~np.isfinite(array).all(axis=1))
-            raise DatasetError(f"{path}: {key} hold NaN/inf in {len(bad_rows)} rows (first: row {bad_rows[0]})")
+        with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf, which is the point
+            finite = None if array is None else np.isfinite(array.astype(np.float32, copy=False))  # as training reads it
+        if finite is not None and not finite.all():
+            bad_rows = np.flatnonzero(~finite.all(axis=1))
+            raise DatasetError(f"{path}: {key} hold NaN/inf (as float32) in {len(bad_rows)} rows "
+                               f"(first: row {bad_rows[0]})")
+    actions = arrays["actions"]
+    if np.abs(actions).max() > 1.0 + 1e-6:  # the sampler clips to [-1, 1]: such targets could never be met
+        row = int(np.flatnonzero((np.abs(actions) > 1.0 + 1e-6).any(axis=1))[0])
+        raise DatasetError(f"{path}: actions must lie in [-1, 1] (the policy's output range; OGBench's do), "
+                           f"got {actions[row].tolist()} at row {row}: rescale them")
     terminals = arrays["terminals"]
     if terminals.ndim != 1 or not np.isin(terminals, (0, 1)).all():
         raise DatasetError(f"{path}: terminals must be a 0/1 (N,) array, got {terminals.dtype} {terminals.shape}")
@@ -185,16 +208,23 @@ def _validate(path: Path, num_rows: int, arrays: dict[str, np.ndarray]) -> None:
 
 
 def _observations_cache(path: Path, archive: zipfile.ZipFile, cache_dir: str | os.PathLike | None) -> Path:
-    """Decompress the observations member once into `<stem>.observations.<size>-<mtime>.npy`."""
+    """Decompress the observations member once into `<stem>.observations.<where>-<crc>-<size>-<mtime>.npy`.
+
+    <where> hashes the file's resolved path and <crc> is the member's CRC-32 from the zip directory, so two
+    datasets of one name and size sharing a cache directory never read each other's images.
+    """
     stat = path.stat()
     directory = Path(cache_dir) if cache_dir is not None else path.parent
-    cache = directory / f"{path.stem}.observations.{stat.st_size}-{stat.st_mtime_ns}.npy"
+    where = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
+    crc = archive.getinfo("observations.npy").CRC
+    prefix = f"{path.stem}.observations.{where}-"
+    cache = directory / f"{prefix}{crc:08x}-{stat.st_size}-{stat.st_mtime_ns}.npy"
     if cache.is_file():
         return cache
     partial = cache.with_name(cache.name + ".partial")
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        with open(directory / f"{path.stem}.observations.lock", "w") as lock:
+        with open(directory / f"{path.stem}.observations.{where}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be extracting the same file
             if cache.is_file():
                 return cache
@@ -206,7 +236,7 @@ def _observations_cache(path: Path, archive: zipfile.ZipFile, cache_dir: str | o
                     target.write(chunk)
                     progress.update(len(chunk))
             os.replace(partial, cache)  # atomic: a killed extraction never leaves a half cache
-            for stale in directory.glob(f"{path.stem}.observations.*.npy"):
+            for stale in directory.glob(f"{prefix}*.npy"):  # this file's older caches only
                 if stale != cache:
                     stale.unlink()
     except OSError as error:
