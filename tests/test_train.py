@@ -73,6 +73,23 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path, capsys):
     assert load_checkpoint(tmp_path / "run" / "checkpoint.safetensors").step == 3  # untouched
 
 
+def test_bad_settings_are_refused_before_anything_runs(tmp_path):
+    (tmp_path / "train.yaml").write_text("lr: 3e-4\nsteps: 12\n")  # YAML reads 3e-4 as text: taken as a number
+    config = parse_config(["--config", str(tmp_path / "train.yaml"), "--dataset", "x.npz"])
+    assert config.lr == 3e-4 and config.steps == 12
+    for flags, reason in ((["--steps", "0"], "steps must be >= 1, got 0"),
+                          (["--lr", "nan"], "lr must be finite and > 0"),
+                          (["--save-every", "0", "--p-aug", "2"], "p_aug must be within \\[0, 1\\], got 2.0; save_every"),
+                          (["--goal-mode", "goals"], "goal_mode must be oracle or image"),
+                          (["--device", "tpu"], "device 'tpu' is not a torch device"),
+                          (["--config", str(tmp_path / "missing.yaml")], "cannot read --config")):
+        with pytest.raises(SystemExit, match=f"cfgrl-train: error: .*{reason}"):
+            parse_config(["--dataset", "x.npz", *flags])
+    (tmp_path / "bad.yaml").write_text("steps: 2.5\n")
+    with pytest.raises(SystemExit, match="steps must be an integer, got float 2.5"):
+        parse_config(["--config", str(tmp_path / "bad.yaml"), "--dataset", "x.npz"])
+
+
 def test_ranks_never_share_a_random_stream():
     streams = {step_seed(7, step, rank) + k for step in range(50) for rank in range(8) for k in range(3)}
     assert len(streams) == 50 * 8 * 3

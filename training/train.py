@@ -31,6 +31,10 @@ from cfgrl_ros.policy import CFGRLPolicy, PolicyConfig
 from training.data import DatasetError, GoalBatchSampler, dataset_fingerprint, load_dataset_pair
 
 
+class TrainError(ValueError):
+    """Training cannot start as asked (settings that do not fit, a checkpoint that is not this run's)."""
+
+
 @dataclasses.dataclass
 class TrainConfig:
     dataset: str = ""
@@ -52,6 +56,44 @@ class TrainConfig:
     resume: bool = False
     compile: bool = False
 
+    def __post_init__(self) -> None:
+        """Types as declared (YAML reads `lr: 3e-4` as a string) and values a run can use, checked up front."""
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, _as_type(field.name, field.type, getattr(self, field.name)))
+        problems = [f"{name} must be {rule}, got {getattr(self, name)!r}" for name, rule, ok in (
+            ("steps", ">= 1", self.steps >= 1),
+            ("batch_size", ">= 1", self.batch_size >= 1),
+            ("lr", "finite and > 0", math.isfinite(self.lr) and self.lr > 0),
+            ("p_aug", "within [0, 1]", 0 <= self.p_aug <= 1),
+            ("condition_dropout", "within [0, 1)", 0 <= self.condition_dropout < 1),
+            ("goal_mode", "oracle or image", self.goal_mode in ("oracle", "image")),
+            ("goal_encoder", "shared or separate", self.goal_encoder in ("shared", "separate")),
+            *((name, ">= 1", getattr(self, name) >= 1) for name in ("log_every", "val_every", "val_batches",
+                                                                     "save_every")),
+        ) if not ok]
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError as error:
+                problems.append(f"device {self.device!r} is not a torch device ({error})")
+        if problems:
+            raise TrainError("; ".join(problems))
+
+
+def _as_type(name: str, kind: str, value):
+    """value as the field's type: ints from integral numbers or digits, floats from numbers or numeric text."""
+    try:
+        if kind == "float" and not isinstance(value, bool):
+            return float(value)
+        if kind == "int" and not isinstance(value, bool) and float(value) == int(float(value)):
+            return int(float(value))
+        if kind == "bool" and isinstance(value, bool) or kind == "str" and isinstance(value, str):
+            return value
+    except (TypeError, ValueError):
+        pass
+    raise TrainError(f"{name} must be {'a number' if kind == 'float' else 'an integer' if kind == 'int' else kind}, "
+                     f"got {type(value).__name__} {value!r}")
+
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """Adam's per-parameter state as flat named tensors, for the safetensors checkpoint."""
@@ -68,10 +110,6 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, flat: dict[str, tor
         _, index, key = name.split(".", 2)
         state.setdefault(int(index), {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-
-
-class TrainError(ValueError):
-    """Training cannot start as asked (settings that do not fit, a checkpoint that is not this run's)."""
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -256,12 +294,18 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     args = build_parser().parse_args(argv)
     values: dict = {}
     if args.config:
-        values = yaml.safe_load(Path(args.config).read_text()) or {}
+        try:
+            values = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise SystemExit(f"cfgrl-train: error: cannot read --config {args.config}: {error}") from None
         unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
         if unknown:
             raise SystemExit(f"{args.config}: unknown training options {sorted(unknown)}")
     values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
-    config = TrainConfig(**values)
+    try:
+        config = TrainConfig(**values)
+    except TrainError as error:
+        raise SystemExit(f"cfgrl-train: error: {error}") from None
     if not config.dataset:
         raise SystemExit("--dataset is required (a path to <name>.npz with <name>-val.npz beside it)")
     return config
@@ -270,7 +314,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 def main(argv: list[str] | None = None) -> None:
     try:
         checkpoint = train(parse_config(argv))
-    except (TrainError, DatasetError, CheckpointError) as error:
+    except (TrainError, DatasetError, CheckpointError, OSError, FloatingPointError) as error:
         raise SystemExit(f"cfgrl-train: error: {error}") from None
     print(f"checkpoint: {checkpoint}")
 
