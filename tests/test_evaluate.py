@@ -196,6 +196,33 @@ def test_mismatched_checkpoint_and_bad_arguments_are_clear_errors(pointreach_che
         ev.evaluate(engine, "pointreach", [], progress=False)
     with pytest.raises(ev.EvaluationError, match="unknown env"):
         ev.evaluate(engine, "visual-cube-nonexistent-v0", [1.0], progress=False)
+    with pytest.raises(ev.SweepSettingsError, match="w must be finite numbers, got \\[inf, 1.0\\]"):
+        ev.evaluate(engine, "pointreach", [math.inf, 1.0], progress=False)
+
+
+@pytest.mark.parametrize("flags, reason", [
+    (["--w", "nan"], "w must be finite numbers"),
+    (["--episodes-per-task", "0", "--max-steps", "0"], "episodes_per_task must be >= 1, got 0; max_steps must be >= 1"),
+    (["--tasks", "9"], "tasks must be distinct ids in 1..5, got \\[9\\]"),
+    (["--envs-per-worker", "0"], "envs_per_worker must be >= 1"),
+    (["--backend", "tensorrtt"], "--backend 'tensorrtt': choose from"),
+    (["--device", "tpu"], "--device 'tpu' is not a torch device"),
+])
+def test_command_line_refuses_bad_settings_before_the_sweep(pointreach_checkpoint, tmp_path, flags, reason):
+    with pytest.raises(SystemExit, match=f"cfgrl-evaluate: error: .*{reason}"):
+        ev.main(["--checkpoint", str(pointreach_checkpoint), "--env", "pointreach", "--device", "cpu",
+                 "--out-dir", str(tmp_path / "eval"), *flags])
+    assert not (tmp_path / "eval").exists()
+
+
+def test_command_line_reports_a_bad_checkpoint_or_output_dir(pointreach_checkpoint, tmp_path):
+    (tmp_path / "not-a-checkpoint.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(SystemExit, match="cfgrl-evaluate: error: .*not-a-checkpoint.safetensors"):
+        ev.main(["--checkpoint", str(tmp_path / "not-a-checkpoint.safetensors"), "--env", "pointreach"])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="cfgrl-evaluate: error: .*file"):
+        ev.main(["--checkpoint", str(pointreach_checkpoint), "--env", "pointreach", "--device", "cpu",
+                 "--out-dir", str(tmp_path / "file" / "eval")])
 
 
 # --- OGBench: real MuJoCo rendering -------------------------------------------------------------

@@ -46,7 +46,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cfgrl_ros.engines import Engine, load_engine, to_numpy
+from cfgrl_ros.checkpoint import CheckpointError
+from cfgrl_ros.engines import BACKENDS, Engine, EngineUnavailable, load_engine, to_numpy
 from cfgrl_ros.sim import seed_goal_setup
 from training.pointreach import NUM_TASKS as POINTREACH_TASKS
 from training.pointreach import PointReachBatch, PointReachConfig
@@ -60,6 +61,10 @@ REPORT_FILES = {"json": "results.json", "csv": "results.csv", "markdown": "resul
 
 class EvaluationError(RuntimeError):
     """The checkpoint and the environment do not fit together, or an env worker failed."""
+
+
+class SweepSettingsError(EvaluationError, ValueError):
+    """A setting of the sweep no evaluation can run with (checked before any env starts)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,6 +362,23 @@ class LockstepSweep:
         return int((self.slot_row >= 0).sum())
 
 
+def check_sweep(env_name: str, ws: Sequence[float], tasks: Sequence[int], episodes_per_task: int, flow_steps: int,
+                seed: int, workers: int | None, envs_per_worker: int | None, max_steps: int | None) -> None:
+    """Refuse settings that cannot give a valid sweep, before the policy or any env is touched."""
+    problems = []
+    if not ws or not all(math.isfinite(w) for w in ws):
+        problems.append(f"w must be finite numbers, got {list(ws)}")
+    if not tasks or len(set(tasks)) != len(tasks) or not all(1 <= t <= num_env_tasks(env_name) for t in tasks):
+        problems.append(f"tasks must be distinct ids in 1..{num_env_tasks(env_name)}, got {list(tasks)}")
+    for name, value, low in (("episodes_per_task", episodes_per_task, 1), ("flow_steps", flow_steps, 1),
+                             ("seed", seed, 0), ("workers", workers, 0), ("envs_per_worker", envs_per_worker, 1),
+                             ("max_steps", max_steps, 1)):
+        if value is not None and value < low:
+            problems.append(f"{name} must be >= {low}, got {value}")
+    if problems:
+        raise SweepSettingsError("; ".join(problems))
+
+
 def evaluate(
     engine: Engine,
     env_name: str,
@@ -375,11 +397,7 @@ def evaluate(
     """Run every (w, task, episode) of the sweep and return `summarize`'s results dict."""
     ws = [float(w) for w in ws]
     tasks = [int(task) for task in tasks]
-    if not ws or episodes_per_task < 1 or flow_steps < 1:
-        raise ValueError(f"need at least one w, episodes_per_task >= 1, flow_steps >= 1; got {ws}, "
-                         f"{episodes_per_task}, {flow_steps}")
-    if not tasks or len(set(tasks)) != len(tasks) or not all(1 <= t <= num_env_tasks(env_name) for t in tasks):
-        raise ValueError(f"tasks must be distinct ids in 1..{num_env_tasks(env_name)}, got {tasks}")
+    check_sweep(env_name, ws, tasks, episodes_per_task, flow_steps, seed, workers, envs_per_worker, max_steps)
     max_steps = max_steps or episode_limit(env_name)
     spec = EnvSpec(env_name, engine.config.goal_mode, engine.config.image_size, max_steps)
     # Episode-major order: the first rows to finish cover every task and w.
@@ -540,14 +558,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    engine = load_engine(args.checkpoint, args.backend, args.device, flow_steps=args.flow_steps)
-    results = evaluate(
-        engine, args.env, args.w, episodes_per_task=args.episodes_per_task, tasks=args.tasks, workers=args.workers,
-        envs_per_worker=args.envs_per_worker, flow_steps=args.flow_steps, seed=args.seed, max_steps=args.max_steps,
-        checkpoint=args.checkpoint,
-    )
-    out_dir = args.out_dir or Path(args.checkpoint).parent / f"eval-{args.env}"
-    paths = write_report(results, out_dir)
+    out_dir = Path(args.out_dir or Path(args.checkpoint).parent / f"eval-{args.env}")
+    try:
+        check_sweep(args.env, args.w, args.tasks, args.episodes_per_task, args.flow_steps, args.seed, args.workers,
+                    args.envs_per_worker, args.max_steps)
+        if args.backend not in (*BACKENDS, "auto"):
+            raise EvaluationError(f"--backend {args.backend!r}: choose from {', '.join((*BACKENDS, 'auto'))}")
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as error:
+            raise EvaluationError(f"--device {args.device!r} is not a torch device ({error})") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise EvaluationError(f"--device {args.device}: no CUDA device here (use --device cpu)")
+        out_dir.mkdir(parents=True, exist_ok=True)  # before the sweep: a report that cannot be written is lost work
+        engine = load_engine(args.checkpoint, args.backend, args.device, flow_steps=args.flow_steps)
+        results = evaluate(
+            engine, args.env, args.w, episodes_per_task=args.episodes_per_task, tasks=args.tasks,
+            workers=args.workers, envs_per_worker=args.envs_per_worker, flow_steps=args.flow_steps, seed=args.seed,
+            max_steps=args.max_steps, checkpoint=args.checkpoint,
+        )
+        paths = write_report(results, out_dir)
+    except (EvaluationError, CheckpointError, EngineUnavailable, OSError) as error:
+        raise SystemExit(f"cfgrl-evaluate: error: {error}") from None
     print(markdown_table(results))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
 
