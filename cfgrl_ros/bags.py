@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+from rosbags.rosbag2 import Reader, ReaderError, StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore, get_types_from_msg
 from rosbags.typesys.store import Typestore
 
@@ -107,18 +107,24 @@ def read_bag(path: str | os.PathLike, topics: Iterable[str] | None = None) -> It
     if not (path / "metadata.yaml").is_file():
         raise BagError(f"{path} is not a rosbag2 bag directory (no metadata.yaml)")
     store = typestore()
-    with Reader(path) as reader:
-        wanted = None if topics is None else {same_topic(topic) for topic in topics}
-        connections = [c for c in reader.connections if wanted is None or same_topic(c.topic) in wanted]
-        for connection, timestamp, data in reader.messages(connections=connections):
-            yield BagMessage(connection.topic, connection.msgtype, timestamp,
-                             store.deserialize_cdr(data, connection.msgtype))
+    try:
+        with Reader(path) as reader:
+            wanted = None if topics is None else {same_topic(topic) for topic in topics}
+            connections = [c for c in reader.connections if wanted is None or same_topic(c.topic) in wanted]
+            for connection, timestamp, data in reader.messages(connections=connections):
+                yield BagMessage(connection.topic, connection.msgtype, timestamp,
+                                 store.deserialize_cdr(data, connection.msgtype))
+    except ReaderError as error:  # truncated .mcap, bad metadata.yaml, missing storage file
+        raise BagError(f"{path}: cannot read the bag ({error})") from error
 
 
 def bag_topics(path: str | os.PathLike) -> dict[str, tuple[str, int]]:
     """topic -> (msgtype, message count)."""
-    with Reader(Path(path)) as reader:
-        return {topic: (info.msgtype, info.msgcount) for topic, info in reader.topics.items()}
+    try:
+        with Reader(Path(path)) as reader:
+            return {topic: (info.msgtype, info.msgcount) for topic, info in reader.topics.items()}
+    except ReaderError as error:
+        raise BagError(f"{path}: cannot read the bag ({error})") from error
 
 
 def stamp_ns(stamp) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from cfgrl_ros import bags
-from cfgrl_ros.image import image_to_rgb
+from cfgrl_ros.image import ImageError, image_to_rgb
 
 DATASET_HZ = 20.0  # OGBench manipulation control period 0.05 s
 
@@ -50,6 +50,9 @@ def dataset_frames(path: str | os.PathLike, *, env_name: str | None = None, epis
     """Frames of the chosen episodes (all by default) of an OGBench-format dataset."""
     from training.data import load_dataset  # the one loader of OGBench files (memmapped observations)
 
+    _check_max_frames(max_frames)
+    if not (math.isfinite(hz) and hz > 0):
+        raise ReplayError(f"the dataset's rate must be a positive number of Hz, got {hz}")
     dataset = load_dataset(path, env_name=env_name, cache_dir=cache_dir)
     ends = np.flatnonzero(dataset.valids == 0)  # each episode's last row
     starts = np.concatenate([[0], ends[:-1] + 1])
@@ -88,23 +91,32 @@ def bag_frames(path: str | os.PathLike, *, camera_topic: str = "camera/image", g
                goal_vector_topic: str = "goal/vector", action_topic: str = "action",
                max_frames: int | None = None) -> list[ReplayFrame]:
     """Frames of a rosbag2 bag, with goals and the recorded actions matched to them."""
+    _check_max_frames(max_frames)
     camera_topic, goal_image_topic, goal_vector_topic, action_topic = topics = tuple(
         bags.same_topic(t) for t in (camera_topic, goal_image_topic, goal_vector_topic, action_topic))
+    expected_types = {camera_topic: bags.IMAGE_TYPE, goal_image_topic: bags.IMAGE_TYPE,
+                      goal_vector_topic: bags.VECTOR_TYPE, action_topic: bags.POLICY_ACTION_TYPE}
     images, times, stamps, goals_before = [], [], [], []
     pending_goal: dict[str, np.ndarray] = {}
     actions_by_stamp: dict[int, np.ndarray] = {}
     for item in bags.read_bag(path, topics):
         topic = bags.same_topic(item.topic)
+        if item.msgtype != expected_types[topic]:
+            raise ReplayError(f"{path}: {item.topic} holds {item.msgtype}, expected {expected_types[topic]}")
         if topic == camera_topic:
-            if stamps and bags.stamp_ns(item.message.header.stamp) in stamps[-3:]:
-                continue  # the same frame shown again (a lockstep resend): one frame, one action
-            images.append(image_to_rgb(item.message).copy())
+            image = _decoded(item, path, len(images))
+            stamp = bags.stamp_ns(item.message.header.stamp)
+            # The same frame shown again (a lockstep resend, same stamp and pixels): one frame, one action.
+            if any(stamps[i] == stamp and np.array_equal(images[i], image)
+                   for i in range(max(0, len(stamps) - 3), len(stamps))):
+                continue
+            images.append(image)
             times.append(item.timestamp_ns)
-            stamps.append(bags.stamp_ns(item.message.header.stamp))
+            stamps.append(stamp)
             goals_before.append(pending_goal)
             pending_goal = {}
         elif topic == goal_image_topic:
-            pending_goal = {**pending_goal, "goal_image": image_to_rgb(item.message).copy()}
+            pending_goal = {**pending_goal, "goal_image": _decoded(item, path, len(images))}
         elif topic == goal_vector_topic:
             pending_goal = {**pending_goal, "goal_vector": np.asarray(item.message.data, dtype=np.float32).copy()}
         else:
@@ -113,11 +125,26 @@ def bag_frames(path: str | os.PathLike, *, camera_topic: str = "camera/image", g
     if not images:
         raise ReplayError(f"{path} has no messages on {camera_topic} (topics: {sorted(bags.bag_topics(path))})")
     first_goal = next((i for i, goal in enumerate(goals_before) if goal), None)
+    if first_goal is None:  # the node would act on whatever goal it held from before
+        raise ReplayError(f"{path} has no goal on {goal_image_topic} or {goal_vector_topic} for its "
+                          f"{len(images)} frames")
     if first_goal:  # goals are latched: one recorded just after the first frames held for them too
         goals_before[0], goals_before[first_goal] = goals_before[first_goal], {}
     frames = [ReplayFrame(time_s=(t - times[0]) * 1e-9, image=image, recorded_action=actions_by_stamp.get(stamp),
                           **goal) for image, t, stamp, goal in zip(images, times, stamps, goals_before)]
     return frames[:max_frames]
+
+
+def _decoded(item: "bags.BagMessage", path, frame: int) -> np.ndarray:
+    try:
+        return image_to_rgb(item.message).copy()
+    except ImageError as error:
+        raise ReplayError(f"{path}: {item.topic} message at frame {frame}: {error}") from error
+
+
+def _check_max_frames(max_frames: int | None) -> None:
+    if max_frames is not None and max_frames < 1:
+        raise ReplayError(f"max_frames must be >= 1 (or None for all), got {max_frames}")
 
 
 def compare_actions(recorded: np.ndarray, replayed: np.ndarray) -> dict:

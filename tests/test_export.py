@@ -105,7 +105,13 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
 def test_unknown_format_is_a_clear_error(tmp_path, capsys):
     good = save_checkpoint(tmp_path / "ckpt.safetensors", CFGRLPolicy(tiny_config("oracle")))
     assert main([str(good), "--formats", "onnx,tflite"]) == 2
-    assert "unknown formats ['tflite']" in capsys.readouterr().err
+    assert "unknown or no formats ['tflite']" in capsys.readouterr().err
+    assert main([str(good), "--formats", ","]) == 2
+    assert "unknown or no formats []" in capsys.readouterr().err
+    assert main([str(good), "--max-batch", "1"]) == 2
+    assert "max_batch >= 2" in capsys.readouterr().err
+    assert main([str(good), "--flow-steps", "-2", "--formats", "fp16"]) == 2
+    assert not (tmp_path / "ckpt.export").exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch_tensorrt") is None or not torch.cuda.is_available(),

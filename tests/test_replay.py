@@ -64,6 +64,37 @@ def test_bag_without_camera_frames_is_an_error(tmp_path):
         list(bags.read_bag(tmp_path))
 
 
+def test_bags_the_replay_cannot_trust_are_refused(tmp_path):
+    images, goal = frames_and_goal(3)
+    with bags.BagWriter(tmp_path / "no-goal") as writer:  # the node would act on its previous goal
+        for i, image in enumerate(images):
+            writer.write("/camera/image", bags.IMAGE_TYPE, 10 + i, bags.image_message(image, 10 + i))
+    with pytest.raises(ReplayError, match="no goal on goal/image or goal/vector for its 3 frames"):
+        bag_frames(tmp_path / "no-goal")
+    with bags.BagWriter(tmp_path / "wrong-type") as writer:
+        writer.write("/goal/vector", bags.IMAGE_TYPE, 1, bags.image_message(images[0], 1))
+        writer.write("/camera/image", bags.IMAGE_TYPE, 2, bags.image_message(images[0], 2))
+    with pytest.raises(ReplayError, match="/goal/vector holds sensor_msgs/msg/Image, expected std_msgs/msg/Float32"):
+        bag_frames(tmp_path / "wrong-type")
+    with pytest.raises(ReplayError, match="max_frames must be >= 1"):
+        bag_frames(tmp_path / "wrong-type", max_frames=-1)
+    mcap = next((tmp_path / "wrong-type").glob("*.mcap"))
+    mcap.write_bytes(mcap.read_bytes()[:100])  # truncated
+    with pytest.raises(bags.BagError, match="cannot read the bag"):
+        bag_frames(tmp_path / "wrong-type")
+
+
+def test_frames_with_one_stamp_are_kept_unless_they_are_the_same_frame(tmp_path):
+    """A camera without a clock stamps every frame 0: only a true resend (same stamp and pixels) is dropped."""
+    images, goal = frames_and_goal(3)
+    with bags.BagWriter(tmp_path / "bag") as writer:
+        writer.write("/goal/vector", bags.VECTOR_TYPE, 1, bags.vector_message(goal))
+        for i, image in enumerate((images[0], images[0], images[1], images[2])):  # frame 0 sent twice
+            writer.write("/camera/image", bags.IMAGE_TYPE, 10 + i, bags.image_message(image, 0))
+    frames = bag_frames(tmp_path / "bag")
+    assert [np.array_equal(f.image, image) for f, image in zip(frames, images)] == [True] * 3 and len(frames) == 3
+
+
 def test_dataset_frames_take_each_episode_goal_from_its_last_state(tmp_path):
     demo = pointreach.DemoConfig(episodes=3, episode_length=5)
     path = pointreach.write_dataset(tmp_path / "pr.npz", demo)

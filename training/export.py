@@ -59,8 +59,10 @@ def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path | None = 
     """Write the requested artifacts; returns {format: path}. tensorrt is skipped (logged) where it cannot run
     unless it is the only format asked for. Raises CheckpointError for a bad checkpoint."""
     unknown = set(formats) - set(FORMATS)
-    if unknown:
-        raise ValueError(f"unknown formats {sorted(unknown)}; choose from {', '.join(FORMATS)}")
+    if unknown or not formats:
+        raise ValueError(f"unknown or no formats {sorted(unknown)}; choose from {', '.join(FORMATS)}")
+    if flow_steps < 1 or max_batch < 2:  # torch.export's dynamic batch dimension needs a range of at least 2
+        raise ValueError(f"need flow_steps >= 1 and max_batch >= 2, got {flow_steps} and {max_batch}")
     checkpoint = load_checkpoint(checkpoint_path)
     out_dir = Path(out_dir) if out_dir else default_artifacts_dir(checkpoint_path)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,9 @@ from std_msgs.msg import Float32MultiArray
 from cfgrl_ros.msg import PolicyAction
 from cfgrl_ros.nodes import bridge
 from cfgrl_ros.nodes.recorder import TopicRecorder
-from cfgrl_ros.replay import ReplayFrame, bag_frames, compare_actions, dataset_frames, write_replay_report
+from cfgrl_ros.bags import BagError
+from cfgrl_ros.replay import ReplayError, ReplayFrame, bag_frames, compare_actions, dataset_frames, write_replay_report
+from training.data import DatasetError
 
 
 class ReplayNode(Node):
@@ -171,8 +173,7 @@ def _due_time(rate: str, speed: float, index: int, frame: ReplayFrame) -> float 
 def load_frames(args: argparse.Namespace) -> list[ReplayFrame]:
     source = Path(args.source)
     if source.suffix == ".npz":
-        episodes = [int(e) for e in args.episodes.split(",")] if args.episodes else None
-        return dataset_frames(source, env_name=args.env_name, episodes=episodes, max_frames=args.max_frames,
+        return dataset_frames(source, env_name=args.env_name, episodes=args.episodes, max_frames=args.max_frames,
                               hz=args.dataset_hz, cache_dir=args.cache_dir)
     return bag_frames(source, max_frames=args.max_frames)
 
@@ -198,14 +199,25 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                 raise ValueError
         except ValueError:
             parser.error(f"--rate must be recorded, lockstep or a positive number of Hz, got {args.rate!r}")
-    if args.speed <= 0:
-        parser.error("--speed must be positive")
+    for name in ("speed", "dataset_hz", "action_timeout", "policy_timeout"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            parser.error(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    if args.episodes is not None:
+        try:
+            args.episodes = [int(e) for e in args.episodes.split(",")]
+        except ValueError:
+            parser.error(f"--episodes takes comma-separated episode numbers, e.g. 0,3; got {args.episodes!r}")
     return args, ros_args
 
 
 def main(argv: list[str] | None = None) -> int:
     args, ros_args = parse_args(sys.argv[1:] if argv is None else argv)
-    frames = load_frames(args)
+    try:
+        frames = load_frames(args)
+    except (ReplayError, BagError, DatasetError) as error:
+        print(f"cfgrl_replay_node: error: {error}", file=sys.stderr)
+        return 2
     rclpy.init(args=[sys.argv[0], *ros_args])
     executor = SingleThreadedExecutor()
     recorder = TopicRecorder(args.record, name="cfgrl_replay_recorder") if args.record else None
@@ -214,7 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     node = ReplayNode(executor, recorder)
     executor.add_node(node)
     try:
-        node.wait_for_policy(args.policy_timeout)
+        try:
+            node.wait_for_policy(args.policy_timeout)
+        except TimeoutError as error:
+            node.get_logger().error(str(error))
+            return 1
         node.get_logger().info(f"playing {len(frames)} frames of {args.source} at rate {args.rate}")
         node.play(frames, args.rate, args.speed, args.action_timeout)
         if recorder is not None:  # the last action must be in the bag before it closes
