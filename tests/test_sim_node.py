@@ -234,12 +234,26 @@ def tiny_checkpoint(tmp_path, action_dim: int, goal_dim: int):
     return save_checkpoint(tmp_path / "tiny.safetensors", CFGRLPolicy(config))
 
 
-def test_params_file_lists_every_sim_parameter(ros_session, ros_env, tmp_path):
-    """config/sim.yaml and the node's declared parameters are the same set, and the file loads."""
-    import yaml
+def sim_parameter_client(process, name: str):
+    """(client, executor) for cfgrl_sim's parameter services, once they are up."""
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.node import Node
     from rclpy.parameter_client import AsyncParameterClient
+
+    executor = SingleThreadedExecutor()
+    executor.add_node(Node(name))
+    client = AsyncParameterClient(executor.get_nodes()[0], "cfgrl_sim")
+    deadline = time.monotonic() + STARTUP_S
+    while not client.services_are_ready():
+        process.check_alive()
+        assert time.monotonic() < deadline, "sim node parameter services"
+        executor.spin_once(timeout_sec=0.05)
+    return client, executor
+
+
+def test_params_file_lists_every_sim_parameter(ros_session, ros_env, tmp_path):
+    """config/sim.yaml and the node's declared parameters are the same set, and the file loads."""
+    import yaml
 
     from cfgrl_ros.nodes.processes import SIM_MODULE, NodeProcess
 
@@ -249,15 +263,7 @@ def test_params_file_lists_every_sim_parameter(ros_session, ros_env, tmp_path):
                           ros_args=["--params-file", str(config_path), "-p", "env_name:=pointreach",
                                     "-p", "autostart:=false"])
     ros_session.append(process)
-    node = Node("param_lister")
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    client = AsyncParameterClient(node, "cfgrl_sim")
-    deadline = time.monotonic() + STARTUP_S
-    while not client.services_are_ready():
-        process.check_alive()
-        assert time.monotonic() < deadline, "sim node parameter services"
-        executor.spin_once(timeout_sec=0.05)
+    client, executor = sim_parameter_client(process, "param_lister")
     future = client.list_parameters()
     executor.spin_until_future_complete(future, timeout_sec=30)
     declared = set(future.result().result.names) - {"use_sim_time", "start_type_description_service"}
@@ -267,10 +273,7 @@ def test_params_file_lists_every_sim_parameter(ros_session, ros_env, tmp_path):
 def test_bad_parameters_are_refused_with_a_reason(ros_session, ros_env, tmp_path):
     """A value the sim cannot run with is refused (at start-up: exit 2 with the reason; live: the set fails),
     never a crash or a stalled episode."""
-    from rclpy.executors import SingleThreadedExecutor
-    from rclpy.node import Node
     from rclpy.parameter import Parameter
-    from rclpy.parameter_client import AsyncParameterClient
 
     from cfgrl_ros.nodes.processes import SIM_MODULE
 
@@ -282,15 +285,7 @@ def test_bad_parameters_are_refused_with_a_reason(ros_session, ros_env, tmp_path
     # An integer rate is a rate (no type error), and live changes are validated.
     sim = start(ros_session, SIM_MODULE, {"env_name": "pointreach", "control_rate_hz": 10, "autostart": False},
                 tmp_path, "sim", ros_env)
-    node = Node("param_setter")
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    client = AsyncParameterClient(node, "cfgrl_sim")
-    deadline = time.monotonic() + STARTUP_S
-    while not client.services_are_ready():
-        sim.check_alive()
-        assert time.monotonic() < deadline, "sim node parameter services"
-        executor.spin_once(timeout_sec=0.05)
+    client, executor = sim_parameter_client(sim, "param_setter")
 
     def set_parameter(name, value):
         future = client.set_parameters([Parameter(name, value=value)])
