@@ -57,10 +57,11 @@ def dataset_frames(path: str | os.PathLike, *, env_name: str | None = None, epis
     ends = np.flatnonzero(dataset.valids == 0)  # each episode's last row
     starts = np.concatenate([[0], ends[:-1] + 1])
     chosen = range(len(ends)) if episodes is None else episodes
+    missing = [e for e in chosen if not 0 <= e < len(ends)]
+    if missing:  # all of them, before any frame is read, so max_frames cannot hide one
+        raise ReplayError(f"{path} has {len(ends)} episodes (0-{len(ends) - 1}); episodes {missing} do not exist")
     frames: list[ReplayFrame] = []
     for episode in chosen:
-        if not 0 <= episode < len(ends):
-            raise ReplayError(f"{path} has {len(ends)} episodes; episode {episode} does not exist")
         goal_vector = _episode_goal_vector(dataset, ends[episode])
         for row in range(starts[episode], ends[episode] + 1):
             first = row == starts[episode]

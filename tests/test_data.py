@@ -286,6 +286,8 @@ def broken(arrays, kind):
         arrays["actions"][4] *= 1000
     elif kind == "non-square images":
         arrays["observations"] = arrays["observations"][:, :, :12]
+    elif kind == "empty split":
+        arrays = {key: value[:0] for key, value in arrays.items()}
     return arrays
 
 
@@ -302,6 +304,7 @@ def broken(arrays, kind):
     ("integer actions", "actions must be a float"),
     ("no final terminal", "last row is not marked terminal"),
     ("non-binary terminals", "terminals must be a 0/1"),
+    ("empty split", "the dataset has no rows"),
 ])
 def test_malformed_content_raises(tmp_path, kind, message):
     path = tmp_path / "bad.npz"

@@ -189,6 +189,9 @@ def test_mismatched_checkpoint_and_bad_arguments_are_clear_errors(pointreach_che
     engine = random_engine(action_dim=2, goal_dim=3, image_size=16)
     with pytest.raises(ev.EvaluationError, match="goals of shape"):
         run_pointreach(engine)
+    engine = random_engine(action_dim=5, goal_dim=2, image_size=16)  # a cube-arm policy on the 2-d point
+    with pytest.raises(ev.EvaluationError, match="takes 2-d actions, but the checkpoint gives 5-d"):
+        run_pointreach(engine)
     engine = load_engine(str(pointreach_checkpoint), "torch", "cpu")
     with pytest.raises(ValueError, match="tasks"):
         run_pointreach(engine, tasks=(0, 1))

@@ -215,7 +215,9 @@ def test_config_and_shard_plan():
     ]
     # A shard's seeds depend only on (seed, shard index).
     assert gen.shard_seeds(0, 2)[:2] == gen.shard_seeds(0, 2)[:2] != gen.shard_seeds(0, 3)[:2]
-    assert gen.parse_args(['--env', 'scene']).num_val_episodes is None  # main() uses num_episodes // 10
+    assert gen.parse_args(['--env', 'scene']).num_val_episodes == 100  # OGBench: num_episodes // 10
+    assert gen.parse_args(['--env', 'scene', '--num-episodes', '5']).num_val_episodes == 1  # never an empty split
+    assert gen.parse_args(['--env', 'scene', '--num-val-episodes', '0']).num_val_episodes == 0  # on request
     assert list(gen.dataset_schema(cfg)) == [
         'observations', 'actions', 'terminals', 'qpos', 'qvel', 'button_states', 'oracle_reps'
     ]

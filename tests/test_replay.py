@@ -108,8 +108,10 @@ def test_dataset_frames_take_each_episode_goal_from_its_last_state(tmp_path):
     assert np.allclose(frames[7].recorded_action, data["actions"][12])
     assert frames[7].time_s == pytest.approx(7 / 20.0)
     assert len(dataset_frames(path, max_frames=7, cache_dir=tmp_path / "cache")) == 7
-    with pytest.raises(ReplayError, match="episode 3 does not exist"):
+    with pytest.raises(ReplayError, match=r"episodes \[3\] do not exist"):
         dataset_frames(path, episodes=[3], cache_dir=tmp_path / "cache")
+    with pytest.raises(ReplayError, match=r"episodes \[-1, 5\] do not exist"):  # found though max_frames stops at 0
+        dataset_frames(path, episodes=[0, -1, 5], max_frames=1, cache_dir=tmp_path / "cache")
 
 
 def test_compare_actions_statistics(tmp_path):

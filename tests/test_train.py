@@ -52,6 +52,15 @@ def test_train_writes_checkpoint_and_logs(tmp_path, goal_mode):
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_cuda_training_in_either_precision(tmp_path, precision):
+    checkpoint = load_checkpoint(train(tiny_config(tmp_path, device="cuda", precision=precision)))
+    assert checkpoint.step == 6
+    assert all(torch.isfinite(t).all() for t in checkpoint.policy.state_dict().values() if t.is_floating_point())
+    assert checkpoint.metadata["train_config"].count(f'"precision": "{precision}"') == 1
+
+
 def test_resume_matches_an_uninterrupted_run(tmp_path):
     straight = train(tiny_config(tmp_path / "a"))
     train(tiny_config(tmp_path / "b", steps=3))
@@ -81,6 +90,7 @@ def test_bad_settings_are_refused_before_anything_runs(tmp_path):
                           (["--lr", "nan"], "lr must be finite and > 0"),
                           (["--save-every", "0", "--p-aug", "2"], "p_aug must be within \\[0, 1\\], got 2.0; save_every"),
                           (["--goal-mode", "goals"], "goal_mode must be oracle or image"),
+                          (["--precision", "fp16"], "precision must be bf16 or fp32"),
                           (["--device", "tpu"], "device 'tpu' is not a torch device"),
                           (["--config", str(tmp_path / "missing.yaml")], "cannot read --config")):
         with pytest.raises(SystemExit, match=f"cfgrl-train: error: .*{reason}"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import math
 import multiprocessing
 import os
 import platform
@@ -133,8 +134,32 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
+def _positive_ints(text: str) -> tuple[int, ...]:
+    """argparse type: comma-separated integers >= 1 (a batch of 0 would time nothing and report 0/s)."""
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    values = _positive_ints(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one integer >= 1, got {text!r}")
+    return values[0]
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -145,11 +170,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engines", default="torch,compiled,onnxruntime",
                         help=f"comma-separated, from {', '.join((*BACKENDS, 'auto'))}")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--flow-steps", type=_int_list, default=(8, 16, 32), help="batch-1 latency step counts")
-    parser.add_argument("--iterations", type=int, default=200, help="timed batch-1 calls per step count")
-    parser.add_argument("--batches", type=_int_list, default=(64, 1024), help="throughput batch sizes")
-    parser.add_argument("--min-seconds", type=float, default=2.0, help="least time per throughput measurement")
-    parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
+    parser.add_argument("--flow-steps", type=_positive_ints, default=(8, 16, 32), help="batch-1 latency step counts")
+    parser.add_argument("--iterations", type=_positive_int, default=200, help="timed batch-1 calls per step count")
+    parser.add_argument("--batches", type=_positive_ints, default=(64, 1024), help="throughput batch sizes")
+    parser.add_argument("--min-seconds", type=_positive_float, default=2.0, help="least time per throughput measurement")
+    parser.add_argument("--threads", type=_positive_int, default=1, help="torch and onnxruntime intra-op threads")
     parser.add_argument("--workdir", help="keep the random policy and its ONNX exports here, so a second run "
                         "times cached loads (default: a temporary directory)")
     parser.add_argument("--out", help="also write the Markdown here")

@@ -91,6 +91,7 @@ class OGBenchBatch:
         self.envs = [gymnasium.make(spec.name, use_oracle_rep=spec.goal_mode == "oracle",
                                     max_episode_steps=spec.max_steps) for _ in range(num_envs)]
         self.goal_dtype = np.float32 if spec.goal_mode == "oracle" else np.uint8
+        self.action_dim = int(self.envs[0].action_space.shape[0])
 
     def reset(self, indices: np.ndarray, task_ids: np.ndarray, seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         observations, goals = [], []
@@ -148,7 +149,7 @@ def _worker_main(connection: Any, spec: EnvSpec, num_envs: int) -> None:
     """Worker process: build the envs, then answer (command, args) messages until 'close'."""
     try:
         batch = make_env_batch(spec, num_envs)
-        connection.send(("ok", None))
+        connection.send(("ok", batch.action_dim))
     except Exception:  # report instead of dying silently: the parent raises it with the traceback
         connection.send(("error", traceback.format_exc()))
         return
@@ -177,6 +178,7 @@ class EnvPool:
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self.local = make_env_batch(spec, num_slots) if workers == 0 else None
+        self.action_dim = self.local.action_dim if self.local is not None else 0
         ranges = np.array_split(np.arange(num_slots), max(1, min(workers, num_slots)))
         self.starts = np.array([r[0] for r in ranges])
         self.connections, self.processes = [], []
@@ -192,7 +194,7 @@ class EnvPool:
                 self.connections.append(parent)
                 self.processes.append(process)
             for worker in range(len(self.connections)):
-                self._receive(worker)  # each worker reports once its envs are built
+                self.action_dim = self._receive(worker)  # each worker reports once its envs are built
         except BaseException:
             self.close()
             raise
@@ -288,8 +290,13 @@ def default_envs_per_worker(env_name: str, num_rows: int) -> int:
     return num_rows if env_name == POINTREACH else 4
 
 
-def check_env_fits(observations: np.ndarray, goals: np.ndarray, engine: Engine, env_name: str) -> None:
+def check_env_fits(observations: np.ndarray, goals: np.ndarray, action_dim: int, engine: Engine,
+                   env_name: str) -> None:
+    """EvaluationError unless the env's observations, goals and actions have the checkpoint's shapes."""
     config = engine.config
+    if action_dim != config.action_dim:
+        raise EvaluationError(f"{env_name} takes {action_dim}-d actions, but the checkpoint gives "
+                              f"{config.action_dim}-d ones (was it trained on another env?)")
     expected = (config.image_size, config.image_size, 3)
     if observations.dtype != np.uint8 or observations.shape[1:] != expected:
         raise EvaluationError(f"{env_name} gives observations {observations.dtype} {observations.shape[1:]}, "
@@ -329,7 +336,7 @@ class LockstepSweep:
         seeds = np.array([episode_seed(self.seed, self.rows[r][1], self.rows[r][2]) for r in new_rows], np.uint64)
         observations, goals = self.pool.reset(slots, task_ids, seeds)
         if self.observations is None:
-            check_env_fits(observations, goals, self.engine, self.env_name)
+            check_env_fits(observations, goals, self.pool.action_dim, self.engine, self.env_name)
             self.observations = np.empty((len(self.slot_row), *observations.shape[1:]), observations.dtype)
             self.goals = np.empty((len(self.slot_row), *goals.shape[1:]), goals.dtype)
         self.observations[slots], self.goals[slots] = observations, goals

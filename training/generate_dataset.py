@@ -578,7 +578,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--env', required=True, choices=sorted(ENVS))
     parser.add_argument('--variant', default='play', choices=VARIANTS)
     parser.add_argument('--num-episodes', type=int, default=1000, help='training episodes (OGBench: 1000)')
-    parser.add_argument('--num-val-episodes', type=int, default=None, help='default: num_episodes // 10')
+    parser.add_argument('--num-val-episodes', type=int, default=None, help='default: num_episodes // 10, at least 1 (cfgrl-train needs a non-empty '
+                        'validation split; 0 only for speed measurements)')
     parser.add_argument('--episode-length', type=int, default=DEFAULT_EPISODE_LENGTH)
     parser.add_argument('--workers', type=int, default=os.cpu_count() or 1)
     parser.add_argument('--seed', type=int, default=0)
@@ -596,18 +597,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--preview', type=Path, default=None, help='write a PNG grid of frames and goals here')
     parser.add_argument('--keep-shards', action='store_true', help='keep the shard directory after merging')
     parser.add_argument('--overwrite', action='store_true', help='replace finished files made with other settings')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.num_val_episodes is None:
+        args.num_val_episodes = max(1, args.num_episodes // 10)
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    num_val = args.num_episodes // 10 if args.num_val_episodes is None else args.num_val_episodes
     try:
         cfg = GenerationConfig(
             env=args.env,
             variant=args.variant,
             num_episodes=args.num_episodes,
-            num_val_episodes=num_val,
+            num_val_episodes=args.num_val_episodes,
             episode_length=args.episode_length,
             seed=args.seed,
             shadow_size=args.shadow_size,

@@ -95,6 +95,7 @@ class PointReachBatch:
         if goal_mode not in ("oracle", "image"):
             raise ValueError(f"goal_mode must be 'oracle' or 'image', got {goal_mode!r}")
         self.num_envs, self.goal_mode, self.config = num_envs, goal_mode, config
+        self.action_dim = 2  # a velocity in the plane
         self.positions = np.zeros((num_envs, 2), dtype=np.float32)
         self.goals = np.zeros((num_envs, 2), dtype=np.float32)
         self.steps = np.zeros(num_envs, dtype=np.int64)

@@ -55,6 +55,7 @@ class TrainConfig:
     save_every: int = 10_000
     resume: bool = False
     compile: bool = False
+    precision: str = "bf16"  # CUDA forward/loss under bf16 autocast, or plain fp32 (the reference's); CPU: fp32
 
     def __post_init__(self) -> None:
         """Types as declared (YAML reads `lr: 3e-4` as a string) and values a run can use, checked up front."""
@@ -68,6 +69,7 @@ class TrainConfig:
             ("condition_dropout", "within [0, 1)", 0 <= self.condition_dropout < 1),
             ("goal_mode", "oracle or image", self.goal_mode in ("oracle", "image")),
             ("goal_encoder", "shared or separate", self.goal_encoder in ("shared", "separate")),
+            ("precision", "bf16 or fp32", self.precision in ("bf16", "fp32")),
             *((name, ">= 1", getattr(self, name) >= 1) for name in ("log_every", "val_every", "val_batches",
                                                                      "save_every")),
         ) if not ok]
@@ -237,7 +239,7 @@ def train(config: TrainConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     log = MetricsLog(out) if rank == 0 else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and config.precision == "bf16")
     progress = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
                     disable=rank != 0, desc="train", unit="step", dynamic_ncols=True)
     last_time, last_step = time.perf_counter(), start_step
