@@ -160,6 +160,7 @@ def test_replay_rendering_reproduces_env_frames(reference):
         np.testing.assert_array_equal(arrays['qpos'], env_qpos)
         diff = np.abs(arrays['observations'].astype(int) - env_frames.astype(int))
         assert diff.max() == 0, (tiles, diff.mean(), diff.max())
+        assert collector.seconds['rollout'] > 0 and collector.seconds['render'] > 0  # bench_render's two phases
 
 
 def _random_states(env_id: str, steps: int = 25):

@@ -6,7 +6,8 @@ For each env, one play episode of `--frames` steps is rolled out once per render
 seed, so the physics and the oracle's actions are the same in every run and only the images can differ.
 Each option's frames are compared with OGBench's own (`--render-mode env`, shadow map 4096): mean and max
 absolute difference (0-255) and the share of pixels with any channel changed. Time is wall and process CPU
-(llvmpipe renders in the process's own threads) per transition, model compilation excluded.
+(llvmpipe renders in the process's own threads) per transition, model compilation excluded; for replay
+also its two phases' wall time: the physics-only rollouts (oracle + physics) and the batched rendering.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ REFERENCE = ("env", 1, 4096)  # (render mode, tiles per side, shadow map): what 
 OPTIONS = (("replay", 1, 4096), ("replay", 16, 4096), ("env", 1, 1024), ("env", 1, 256), ("replay", 16, 1024))
 
 
-def render_episode(env: str, frames: int, mode: str, tiles: int, shadow: int, seed: int) -> tuple[np.ndarray, float, float]:
-    """(observations, wall s per transition, CPU s per transition) of one seeded play episode."""
+def render_episode(env: str, frames: int, mode: str, tiles: int, shadow: int, seed: int
+                   ) -> tuple[np.ndarray, float, float, dict[str, float]]:
+    """(observations, wall s, CPU s, {phase: wall s}) per transition of one seeded play episode."""
     cfg = GenerationConfig(env, "play", num_episodes=1, num_val_episodes=0, episode_length=frames,
                            seed=seed, shadow_size=shadow, render_mode=mode, render_tiles=tiles, shard_episodes=1)
     collector = ShardCollector(cfg)
@@ -35,7 +37,8 @@ def render_episode(env: str, frames: int, mode: str, tiles: int, shadow: int, se
         wall, cpu = time.perf_counter(), time.process_time()
         arrays, _ = collector.collect(Shard(0, "train", 1), report=lambda _: None)
         rows = len(arrays["observations"])
-        return arrays["observations"], (time.perf_counter() - wall) / rows, (time.process_time() - cpu) / rows
+        phases = {phase: seconds / rows for phase, seconds in collector.seconds.items()}
+        return arrays["observations"], (time.perf_counter() - wall) / rows, (time.process_time() - cpu) / rows, phases
     finally:
         collector.close()
 
@@ -65,15 +68,17 @@ def main(argv: list[str] | None = None) -> None:
 
     lines = [f"{args.frames} transitions per env, seed {args.seed}; difference from `{option_name(*REFERENCE)}` "
              "(OGBench's own frames): mean / max / share of pixels changed", "",
-             "| env | rendering | difference | wall ms / transition | CPU ms / transition |", "|---|---|---|---|---|"]
+             "| env | rendering | difference | wall ms / transition | CPU ms / transition "
+             "| replay: physics / render wall ms |", "|---|---|---|---|---|---|"]
     for env in envs:
-        reference, wall, cpu = render_episode(env, args.frames, *REFERENCE, args.seed)
-        lines.append(f"| {env} | {option_name(*REFERENCE)} | reference | {wall * 1e3:.1f} | {cpu * 1e3:.1f} |")
+        reference, wall, cpu, _ = render_episode(env, args.frames, *REFERENCE, args.seed)
+        lines.append(f"| {env} | {option_name(*REFERENCE)} | reference | {wall * 1e3:.1f} | {cpu * 1e3:.1f} | |")
         for option in OPTIONS:
-            images, wall, cpu = render_episode(env, args.frames, *option, args.seed)
+            images, wall, cpu, phases = render_episode(env, args.frames, *option, args.seed)
             mean, largest, share = difference(images, reference)
+            split = f"{phases['rollout'] * 1e3:.1f} / {phases['render'] * 1e3:.1f}" if option[0] == "replay" else ""
             lines.append(f"| {env} | {option_name(*option)} | {mean:.3f} / {largest} / {share:.2%} | "
-                         f"{wall * 1e3:.1f} | {cpu * 1e3:.1f} |")
+                         f"{wall * 1e3:.1f} | {cpu * 1e3:.1f} | {split} |")
             print(lines[-1], flush=True)
     report = "\n".join(lines)
     print(f"\n{report}")

@@ -269,6 +269,7 @@ class ShardCollector:
 
     def __init__(self, cfg: GenerationConfig):
         self.cfg = cfg
+        self.seconds = {'rollout': 0.0, 'render': 0.0}  # wall time spent so far; replay renders after rollouts
         self.env = make_env(cfg)
         self.env.reset(seed=0)  # compiles the model; each shard reseeds the env
         unwrapped = self.env.unwrapped
@@ -285,6 +286,7 @@ class ShardCollector:
         env_seed, oracle_seed, rng = shard_seeds(self.cfg.seed, shard.index)
         replay = self.renderer is not None
         episodes, retries = [], 0
+        start = time.perf_counter()
         with global_numpy_seed(oracle_seed):
             oracles = make_oracles(self.env, self.cfg)
             self.env.reset(seed=env_seed)
@@ -297,8 +299,11 @@ class ShardCollector:
                     continue
                 episodes.append(episode)
         arrays = {key: np.concatenate([ep[key] for ep in episodes]) for key in episodes[0] if key != 'frames'}
+        self.seconds['rollout'] += time.perf_counter() - start
         if replay:
+            start = time.perf_counter()
             arrays['observations'] = self._render([f for ep in episodes for f in ep['frames']], report)
+            self.seconds['render'] += time.perf_counter() - start
         return self._finish(arrays), retries
 
     def _episode(self, oracles: dict, rng: np.random.Generator, report: Callable[[int], None] | None) -> dict:
