@@ -135,6 +135,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         config = PolicyConfig.from_dict(json.loads(metadata["config"]))
     except (KeyError, ValueError, TypeError) as error:
         raise CheckpointError(f"{path} has an invalid policy config: {error}") from error
+    if not str(metadata.get("step", "0")).isdigit():
+        raise CheckpointError(f"{path} has an invalid training step {metadata['step']!r} in its metadata")
 
     policy = CFGRLPolicy(config)
     weights = {k[len(POLICY_PREFIX):]: v.float() if v.is_floating_point() else v

@@ -21,6 +21,7 @@ import inspect
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Protocol
@@ -41,6 +42,9 @@ BACKENDS = ("torch", "compiled", "onnxruntime", "cuda_graph", "tensorrt")
 # torch.compile gains little over eager while costing a minute of compilation.
 AUTO_ORDER = {"cuda": ("tensorrt", "cuda_graph", "compiled", "torch"), "cpu": ("onnxruntime", "torch")}
 INPUT_NAMES = ("observations", "goals", "w", "noise")
+# torch.export and the ONNX exporter keep global tracing state: two exports at once (two quick
+# flow_steps changes in the node) both fail. One at a time per process.
+EXPORT_LOCK = threading.Lock()
 TENSORRT_MISSING = ("torch-tensorrt is not installed: the package index only has stubs that fetch from "
                     "NVIDIA's own index")
 
@@ -83,8 +87,9 @@ class CompiledEngine:
     """torch.compile of the encoder and of one Euler step; the step loop stays in Python.
 
     t, dt and w are tensors and flow_steps only sets the loop length, so changing any of them never
-    recompiles; a new batch size recompiles once, then the batch dimension is dynamic. Inductor's
-    FX graph cache (TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_$USER) makes later loads fast.
+    recompiles. The first new batch sizes recompile (dynamo then marks the batch dimension dynamic;
+    the encoder's convolutions may specialise once more at larger batches). Inductor's FX graph cache
+    (TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_$USER) makes later loads fast.
     """
 
     name = "compiled"
@@ -102,9 +107,11 @@ class CompiledEngine:
     @torch.inference_mode()
     def infer(self, observations: torch.Tensor, goals: torch.Tensor, w: torch.Tensor, noise: torch.Tensor,
               flow_steps: int) -> torch.Tensor:
-        check_sampler_inputs(observations, goals, w, noise, flow_steps, self.config.action_dim)
+        check_sampler_inputs(observations, goals, w, noise, flow_steps, self.config)
         condition = self._encode(observations.to(self.device), goals.to(self.device))
-        actions, w = noise.to(self.device, condition.dtype), w.to(self.device)
+        # copy: the caller's tensor was made outside inference mode, which would fail dynamo's guards
+        # on the first step and compile a second graph for it.
+        actions, w = noise.to(self.device, condition.dtype, copy=True), w.to(self.device)
         dt = torch.tensor(1.0 / flow_steps, device=self.device)
         for i in range(flow_steps):
             actions = self._step(condition, actions, torch.tensor(i / flow_steps, device=self.device), dt, w)
@@ -112,11 +119,13 @@ class CompiledEngine:
 
 
 class CudaGraphEngine:
-    """Two CUDA graphs per batch size: the encoder, and one guided Euler step replayed flow_steps times.
+    """Two CUDA graphs per batch bucket: the encoder, and one guided Euler step replayed flow_steps times.
 
-    Inputs, w, t, dt and the actions live in static buffers; the step graph updates the actions
-    and advances t by dt in place, so w, the noise and flow_steps change without recapture
-    (t accumulates in fp32: exact for power-of-two step counts, within 1e-7 otherwise).
+    Inputs, w, the step index, dt and the actions live in static buffers; the step graph updates the
+    actions and the step index in place (t = index * dt, one fp32 rounding from i/K at any step
+    count), so w, the noise and flow_steps change without recapture. Batches are padded up to a
+    power of two, so an evaluator whose batch shrinks as episodes end captures log2(B) buckets,
+    not one pair of graphs per size.
     """
 
     name = "cuda_graph"
@@ -131,25 +140,38 @@ class CudaGraphEngine:
     @torch.inference_mode()
     def infer(self, observations: torch.Tensor, goals: torch.Tensor, w: torch.Tensor, noise: torch.Tensor,
               flow_steps: int) -> torch.Tensor:
-        check_sampler_inputs(observations, goals, w, noise, flow_steps, self.config.action_dim)
+        check_sampler_inputs(observations, goals, w, noise, flow_steps, self.config)
         batch_size = observations.shape[0]
-        if batch_size not in self._graphs:
-            log.info("cuda_graph: capturing encoder and Euler-step graphs for batch %d", batch_size)
-            self._graphs[batch_size] = _CapturedSampler(self.sampler, (observations, goals, w, noise))
-        return self._graphs[batch_size].run(observations, goals, w, noise, flow_steps)
+        bucket = 1 << (batch_size - 1).bit_length()  # the next power of two
+        inputs = tuple(_pad_rows(x.to(self.device), bucket) for x in (observations, goals, w, noise))
+        if bucket not in self._graphs:
+            log.info("cuda_graph: capturing encoder and Euler-step graphs for batches up to %d", bucket)
+            self._graphs[bucket] = _CapturedSampler(self.sampler, inputs)
+        return self._graphs[bucket].run(*inputs, flow_steps)[:batch_size]
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x with its first row repeated up to `rows` rows (rows are independent: padding changes no result)."""
+    return x if x.shape[0] == rows else torch.cat([x, x[:1].expand(rows - x.shape[0], *x.shape[1:])])
 
 
 class _CapturedSampler:
     def __init__(self, sampler: GuidedSampler, inputs: tuple[torch.Tensor, ...]):
         device = next(sampler.parameters()).device
-        self.observations, self.goals, self.w, self.actions = (x.to(device).clone() for x in inputs)
-        self.t = torch.zeros((), device=device)
+        dtype = next(sampler.parameters()).dtype
+        observations, goals, w, noise = inputs
+        # Fixed dtypes: copy_ casts every later call's inputs into them (checked uint8 images by then).
+        self.observations = observations.to(device, torch.uint8, copy=True)
+        self.goals = goals.to(device, torch.uint8 if sampler.config.goal_mode == "image" else dtype, copy=True)
+        self.w, self.actions = w.to(device, dtype, copy=True), noise.to(device, dtype, copy=True)
+        self.step_index = torch.zeros((), device=device)
         self.dt = torch.full((), 1.0 / 16, device=device)
         encode = lambda: sampler.encode(self.observations, self.goals)  # noqa: E731
 
         def step() -> None:
-            self.actions.copy_(sampler.euler_step(self.condition, self.actions, self.t, self.dt, self.w))
-            self.t.add_(self.dt)
+            t = self.step_index * self.dt
+            self.actions.copy_(sampler.euler_step(self.condition, self.actions, t, self.dt, self.w))
+            self.step_index.add_(1.0)
 
         # Warm up on a side stream before capture, as the CUDA-graph docs require (lazy init, autotuning).
         side = torch.cuda.Stream(device)
@@ -174,7 +196,7 @@ class _CapturedSampler:
         self.goals.copy_(goals)
         self.w.copy_(w)
         self.actions.copy_(noise)
-        self.t.zero_()
+        self.step_index.zero_()
         self.dt.fill_(1.0 / flow_steps)
         self.encode_graph.replay()
         for _ in range(flow_steps):
@@ -206,7 +228,7 @@ class OnnxRuntimeEngine:
 
     def infer(self, observations: torch.Tensor, goals: torch.Tensor, w: torch.Tensor, noise: torch.Tensor,
               flow_steps: int) -> torch.Tensor:
-        check_sampler_inputs(observations, goals, w, noise, flow_steps, self.config.action_dim)
+        check_sampler_inputs(observations, goals, w, noise, flow_steps, self.config)
         feeds = {"observations": _numpy(observations, np.uint8), "goals": _numpy(goals, self._goal_dtype),
                  "w": _numpy(w, np.float32), "noise": _numpy(noise, np.float32)}
         (actions,) = self._session(flow_steps).run(None, feeds)
@@ -240,7 +262,7 @@ class TensorRTEngine:
     @torch.inference_mode()
     def infer(self, observations: torch.Tensor, goals: torch.Tensor, w: torch.Tensor, noise: torch.Tensor,
               flow_steps: int) -> torch.Tensor:
-        check_sampler_inputs(observations, goals, w, noise, flow_steps, self.config.action_dim)
+        check_sampler_inputs(observations, goals, w, noise, flow_steps, self.config)
         if flow_steps != self.flow_steps:
             raise ValueError(f"this TensorRT program was built for flow_steps={self.flow_steps}, got {flow_steps}; "
                              f"export one with `cfgrl-export --flow-steps {flow_steps}`")
@@ -320,7 +342,8 @@ def export_onnx(program: torch.export.ExportedProgram, path: str | Path) -> Path
         raise EngineUnavailable(f"ONNX export needs onnxscript: {error}") from error
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.tmp{os.getpid()}")  # concurrent exporters never see half a file
+    # Per process and thread: a concurrent reader never sees half a file, nor two writers one temp file.
+    partial = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
     onnx_program.save(str(partial), external_data=False)
     os.replace(partial, path)
     return path
@@ -329,20 +352,21 @@ def export_onnx(program: torch.export.ExportedProgram, path: str | Path) -> Path
 def onnx_artifact(checkpoint: Checkpoint, flow_steps: int, artifacts_dir: str | Path) -> Path:
     """The checkpoint's ONNX export for flow_steps, exported now if it is missing or stale."""
     path = artifact_path(artifacts_dir, "onnx", flow_steps)
-    found = read_sidecar(path)
-    current = found and found.get("model_sha256") == checkpoint.metadata.get("sha256")
-    if current and found.get("flow_steps") == flow_steps:
-        return path
-    log.info("onnxruntime: %s ONNX export at %s (flow_steps=%d); this takes a while",
-             "refreshing stale" if found else "writing", path, flow_steps)
-    start = time.perf_counter()
-    sampler = GuidedSampler(copy.deepcopy(checkpoint.policy).cpu().float())
-    try:
-        export_onnx(export_program(sampler, flow_steps), path)
-        write_sidecar(path, artifact_metadata(checkpoint, flow_steps, "onnx", max_batch=4096))
-    except OSError as error:
-        raise EngineUnavailable(f"cannot write the ONNX export to {path}: {error}") from error
-    log.info("onnxruntime: ONNX export took %.1f s", time.perf_counter() - start)
+    with EXPORT_LOCK:  # looked at again under the lock: a thread that waited may find it written
+        found = read_sidecar(path)
+        current = found and found.get("model_sha256") == checkpoint.metadata.get("sha256")
+        if current and found.get("flow_steps") == flow_steps:
+            return path
+        log.info("onnxruntime: %s ONNX export at %s (flow_steps=%d); this takes a while",
+                 "refreshing stale" if found else "writing", path, flow_steps)
+        start = time.perf_counter()
+        sampler = GuidedSampler(copy.deepcopy(checkpoint.policy).cpu().float())
+        try:
+            export_onnx(export_program(sampler, flow_steps), path)
+            write_sidecar(path, artifact_metadata(checkpoint, flow_steps, "onnx", max_batch=4096))
+        except OSError as error:
+            raise EngineUnavailable(f"cannot write the ONNX export to {path}: {error}") from error
+        log.info("onnxruntime: ONNX export took %.1f s", time.perf_counter() - start)
     return path
 
 
@@ -387,7 +411,8 @@ def build_tensorrt(checkpoint: Checkpoint, flow_steps: int, path: str | Path, de
     key = tensorrt_cache_key(checkpoint, flow_steps, max_batch, device)
     # fp16 weights and activations, explicit in the graph; images enter as fp16 (0..255 is exact).
     sampler = GuidedSampler(copy.deepcopy(checkpoint.policy).to(device).half().eval())
-    program = export_program(sampler, flow_steps, max_batch, device, image_dtype=torch.float16)
+    with EXPORT_LOCK:
+        program = export_program(sampler, flow_steps, max_batch, device, image_dtype=torch.float16)
     example = _with_image_dtype(checkpoint.config, example_inputs(checkpoint.config, 1, device), torch.float16)
     trt_inputs = [torch_tensorrt.Input(min_shape=(1, *x.shape[1:]), opt_shape=(1, *x.shape[1:]),
                                        max_shape=(max_batch, *x.shape[1:]), dtype=x.dtype) for x in example]
@@ -403,7 +428,7 @@ def build_tensorrt(checkpoint: Checkpoint, flow_steps: int, path: str | Path, de
     log.warning("tensorrt: building an fp16 engine for %s (flow_steps=%d, batch 1..%d) on %s; this takes minutes",
                 checkpoint.metadata.get("sha256", "?")[:12], flow_steps, max_batch, key["gpu"])
     start = time.perf_counter()
-    with torch.no_grad():
+    with EXPORT_LOCK, torch.no_grad():
         module = torch_tensorrt.dynamo.compile(program, arg_inputs=trt_inputs, device=device, min_block_size=1,
                                                **precision)
     log.warning("tensorrt: build took %.1f s", time.perf_counter() - start)
@@ -520,13 +545,15 @@ def load_engine(checkpoint: str | os.PathLike | Checkpoint, backend: str = "torc
         log.info("auto: chose %s on %s: the first that runs here in the fastest-first order %s", candidate,
                  device, " > ".join(order))
         return engine
-    raise EngineUnavailable(f"no engine can run on {device}")  # unreachable: torch always runs
+    raise EngineUnavailable(f"no engine can run on {device}")  # only on CUDA: torch always runs on the CPU
 
 
 def _build_engine(checkpoint: Checkpoint, backend: str, device: torch.device, *, flow_steps: int,
                   artifacts_dir: Path, compile_mode: str | None, onnx_threads: int, tensorrt_max_batch: int,
                   allow_tensorrt_build: bool = True) -> Engine:
     sampler = lambda: GuidedSampler(copy.deepcopy(checkpoint.policy))  # noqa: E731  fresh copy per engine
+    if device.type == "cuda":
+        _cuda_device(device, backend)  # EngineUnavailable here, not an assertion deep inside torch
     if backend == "torch":
         engine = TorchEngine(sampler(), device)
     elif backend == "compiled":

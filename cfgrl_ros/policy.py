@@ -40,8 +40,15 @@ class PolicyConfig:
     condition_dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.action_dim < 1:
-            raise ValueError(f"action_dim must be >= 1, got {self.action_dim}")
+        # A checkpoint's config is data: refuse what would build no model, here and by name.
+        for name, least in (("action_dim", 1), ("image_size", 1), ("encoder_dim", 1), ("goal_dim", 0)):
+            value = getattr(self, name)
+            if not (_is_count(value) and value >= least):
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        for name in ("encoder_channels", "hidden_dims"):
+            value = getattr(self, name)
+            if not (isinstance(value, tuple) and value and all(_is_count(v) and v >= 1 for v in value)):
+                raise ValueError(f"{name} must be a non-empty tuple of integers >= 1, got {value!r}")
         if self.goal_mode not in ("oracle", "image"):
             raise ValueError(f"goal_mode must be 'oracle' or 'image', got {self.goal_mode!r}")
         if self.goal_mode == "oracle" and self.goal_dim < 1:
@@ -62,12 +69,18 @@ class PolicyConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "PolicyConfig":
+        if not isinstance(values, dict):
+            raise TypeError(f"a PolicyConfig is a mapping of its fields, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown PolicyConfig fields: {sorted(unknown)}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         return cls(**values)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from cfgrl_ros.policy import CFGRLPolicy
+from cfgrl_ros.policy import CFGRLPolicy, PolicyConfig
 
 
 class GuidedSampler(nn.Module):
@@ -24,8 +24,8 @@ class GuidedSampler(nn.Module):
         self.policy = policy
 
     @property
-    def action_dim(self) -> int:
-        return self.policy.config.action_dim
+    def config(self) -> PolicyConfig:
+        return self.policy.config
 
     def encode(self, observations: torch.Tensor, goals: torch.Tensor) -> torch.Tensor:
         """(B, ...) inputs -> (2B, hidden) first-layer conditions: conditional rows, then null rows."""
@@ -56,7 +56,7 @@ class GuidedSampler(nn.Module):
         flow_steps: int = 16,
     ) -> torch.Tensor:
         """Guided actions (B, action_dim) in [-1, 1] from uint8 observations, goals, w (B,) and noise."""
-        check_sampler_inputs(observations, goals, w, noise, flow_steps, self.action_dim)
+        check_sampler_inputs(observations, goals, w, noise, flow_steps, self.config)
         return self.integrate(observations, goals, w, noise, flow_steps)
 
     def integrate(
@@ -72,17 +72,29 @@ class GuidedSampler(nn.Module):
 
 
 def check_sampler_inputs(
-    observations: torch.Tensor, goals: torch.Tensor, w: torch.Tensor, noise: torch.Tensor, flow_steps: int, action_dim: int
+    observations: torch.Tensor, goals: torch.Tensor, w: torch.Tensor, noise: torch.Tensor, flow_steps: int,
+    config: PolicyConfig,
 ) -> None:
-    """Shape checks that turn a silent broadcast into a clear error."""
+    """Shape and dtype checks that turn a silent broadcast or rescaling into a clear error.
+
+    Images must be uint8: float pixels in [0, 1] would run but give other actions (the encoder scales by 1/255).
+    """
+    image_shape = (config.image_size, config.image_size, 3)
+    if observations.dtype != torch.uint8 or observations.dim() != 4 or tuple(observations.shape[1:]) != image_shape:
+        raise ValueError(f"observations must be (B, {config.image_size}, {config.image_size}, 3) uint8, "
+                         f"got {observations.dtype} {tuple(observations.shape)}")
     batch_size = observations.shape[0]
-    if observations.dim() != 4 or observations.shape[-1] != 3:
-        raise ValueError(f"observations must be (B, H, W, 3) uint8, got {tuple(observations.shape)}")
-    if goals.shape[0] != batch_size:
-        raise ValueError(f"goals batch {goals.shape[0]} != observations batch {batch_size}")
+    if config.goal_mode == "image":
+        if goals.dtype != torch.uint8 or tuple(goals.shape) != (batch_size, *image_shape):
+            raise ValueError(f"goal images must be ({batch_size}, {config.image_size}, {config.image_size}, 3) "
+                             f"uint8, got {goals.dtype} {tuple(goals.shape)}")
+    elif not goals.is_floating_point() or tuple(goals.shape) != (batch_size, config.goal_dim):
+        raise ValueError(f"oracle goals must be float ({batch_size}, {config.goal_dim}), "
+                         f"got {goals.dtype} {tuple(goals.shape)}")
     if w.shape != (batch_size,):
         raise ValueError(f"w must have shape ({batch_size},), got {tuple(w.shape)}")
-    if noise.shape != (batch_size, action_dim):
-        raise ValueError(f"noise must have shape ({batch_size}, {action_dim}), got {tuple(noise.shape)}")
+    if noise.shape != (batch_size, config.action_dim) or not noise.is_floating_point():
+        raise ValueError(f"noise must be float ({batch_size}, {config.action_dim}), "
+                         f"got {noise.dtype} {tuple(noise.shape)}")
     if not isinstance(flow_steps, int) or flow_steps < 1:
         raise ValueError(f"flow_steps must be a positive int, got {flow_steps!r}")

@@ -2,6 +2,7 @@
 import re
 
 import pytest
+import torch
 
 from training import benchmark
 
@@ -14,7 +15,7 @@ def test_tiny_run_reports_positive_figures(tmp_path, capsys):
     load_s, latency, throughput, rss = [cell.strip() for cell in row.strip("|").split("|")[1:]]
     p50, p99 = (float(x) for x in re.findall(r"[\d.]+", latency))
     assert 0 < p50 <= p99
-    assert float(throughput) > 0 and float(rss) > 0 and float(load_s) >= 0
+    assert float(throughput.replace(",", "")) > 0 and float(rss) > 0 and float(load_s) >= 0  # 1,234 actions/s
     assert "b4 K=16 actions/s" in out.read_text()
 
 
@@ -28,6 +29,11 @@ def test_settings_that_time_nothing_are_refused(flag, value, capsys):
     assert flag in capsys.readouterr().err
 
 
-def test_unknown_engine_is_refused(capsys):
+def test_unknown_engine_missing_checkpoint_or_gpu_are_refused(tmp_path, capsys):
     assert benchmark.main(["--engines", "torch,tensorflow"]) == 2
     assert "unknown engines ['tensorflow']" in capsys.readouterr().err
+    assert benchmark.main(["--checkpoint", str(tmp_path / "missing.safetensors")]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert benchmark.main(["--device", "cuda"]) == 2
+        assert "this machine has no CUDA device" in capsys.readouterr().err

@@ -7,13 +7,14 @@ Models are tiny so that ONNX export and torch.compile stay within seconds on a 2
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.util
 import json
 
 import pytest
 import torch
 
-from cfgrl_ros.checkpoint import save_checkpoint
+from cfgrl_ros.checkpoint import load_checkpoint, save_checkpoint
 from cfgrl_ros.engines import (
     AUTO_ORDER,
     TENSORRT_MISSING,
@@ -24,6 +25,7 @@ from cfgrl_ros.engines import (
     default_artifacts_dir,
     example_inputs,
     load_engine,
+    onnx_artifact,
 )
 from cfgrl_ros.policy import CFGRLPolicy, PolicyConfig
 from cfgrl_ros.sampler import GuidedSampler
@@ -82,8 +84,20 @@ def test_onnxruntime_matches_eager(checkpoint, batch_size):
 def test_onnxruntime_rejects_bad_shapes(checkpoint):
     engine = load_engine(checkpoint, "onnxruntime", flow_steps=4)
     observations, goals, w, noise = guided_inputs(engine.config, 2)
-    with pytest.raises(ValueError, match="noise must have shape"):
+    with pytest.raises(ValueError, match="noise must be float"):
         engine.infer(observations, goals, w, noise[:, :1], 4)
+    with pytest.raises(ValueError, match="observations must be .* uint8, got torch.float32"):  # not cast to zeros
+        engine.infer(observations.float() / 255, goals, w, noise, 4)
+
+
+def test_concurrent_onnx_exports_both_succeed(oracle_checkpoint, tmp_path):
+    """Two quick flow_steps changes in the node export from two threads at once; torch.export allows one."""
+    checkpoint = load_checkpoint(oracle_checkpoint)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        paths = list(pool.map(lambda k: onnx_artifact(checkpoint, k, tmp_path), (2, 3, 2)))
+    assert paths == [artifact_path(tmp_path, "onnx", k) for k in (2, 3, 2)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sampler_k2.onnx", "sampler_k2.onnx.json",
+                                                          "sampler_k3.onnx", "sampler_k3.onnx.json"]
 
 
 def test_compiled_matches_eager_and_w_or_steps_never_recompile(oracle_checkpoint):
@@ -117,9 +131,9 @@ def test_unknown_backend_is_a_clear_error(checkpoint):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without CUDA")
-@pytest.mark.parametrize("backend", ["cuda_graph", "tensorrt"])
+@pytest.mark.parametrize("backend", ["cuda_graph", "tensorrt", "torch", "compiled", "auto"])
 def test_gpu_backends_refuse_to_run_here(checkpoint, backend):
-    with pytest.raises(EngineUnavailable, match="CUDA|torch-tensorrt is not installed"):
+    with pytest.raises(EngineUnavailable, match="CUDA|torch-tensorrt is not installed|no engine can run on cuda"):
         load_engine(checkpoint, backend, "cuda")
 
 
@@ -147,6 +161,21 @@ def test_cuda_graph_matches_eager_without_recapture(checkpoint, batch_size):
         actual = engine.infer(*inputs, flow_steps)
         torch.testing.assert_close(actual, reference.infer(*inputs, flow_steps), rtol=0, atol=CUDA_GRAPH_TOLERANCE)
     assert sorted(engine._graphs) == sorted({1, batch_size})
+
+
+@needs_cuda
+def test_cuda_graph_buckets_shrinking_batches_and_casts_inputs(checkpoint):
+    """An evaluator's batch shrinks as episodes end: sizes share power-of-two buckets, padding changes no row."""
+    engine = load_engine(checkpoint, "cuda_graph", "cuda", flow_steps=4)
+    reference = load_engine(checkpoint, "torch", "cuda")
+    for batch_size in (7, 6, 5, 3, 2, 1):
+        inputs = guided_inputs(engine.config, batch_size, seed=batch_size, device="cuda")
+        torch.testing.assert_close(engine.infer(*inputs, 16), reference.infer(*inputs, 16),
+                                   rtol=0, atol=CUDA_GRAPH_TOLERANCE)
+    assert sorted(engine._graphs) == [1, 2, 4, 8]
+    observations, goals, w, noise = guided_inputs(engine.config, 3, device="cuda")
+    torch.testing.assert_close(engine.infer(observations, goals, w.double(), noise.double(), 4),
+                               reference.infer(observations, goals, w, noise, 4), rtol=0, atol=CUDA_GRAPH_TOLERANCE)
 
 
 @needs_cuda

@@ -14,6 +14,7 @@ from cfgrl_ros.checkpoint import load_checkpoint, save_checkpoint
 from cfgrl_ros.engines import INPUT_NAMES, TENSORRT_MISSING, example_inputs
 from cfgrl_ros.policy import CFGRLPolicy, PolicyConfig
 from cfgrl_ros.sampler import GuidedSampler
+from training import export
 from training.export import ExportError, export_checkpoint, main, verify_onnx
 
 FLOW_STEPS = 4
@@ -85,6 +86,17 @@ def test_onnx_check_catches_a_model_that_differs(exported):
     other = GuidedSampler(CFGRLPolicy(load_checkpoint(checkpoint).config).eval())
     with pytest.raises(ExportError, match="differs from PyTorch"):
         verify_onnx(out / "sampler_k4.onnx", other, FLOW_STEPS)
+
+
+def test_an_onnx_file_that_fails_its_check_is_not_kept(exported, tmp_path, monkeypatch, capsys):
+    checkpoint, _ = exported
+    monkeypatch.setattr(export, "ONNX_TOLERANCE", -1.0)  # no export can pass
+    assert main([str(checkpoint), "--out", str(tmp_path / "out"), "--flow-steps", "2", "--formats", "onnx"]) == 2
+    assert "differs from PyTorch" in capsys.readouterr().err
+    assert list((tmp_path / "out").iterdir()) == []  # neither the file nor its temporary
+    (tmp_path / "file").write_text("")
+    assert main([str(checkpoint), "--out", str(tmp_path / "file"), "--formats", "fp16"]) == 2  # not a directory
+    assert "cfgrl-export: error:" in capsys.readouterr().err
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):

@@ -1,6 +1,8 @@
 """The policy, the guided sampler and checkpoints, on CPU."""
 
 import numpy as np
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -131,10 +133,22 @@ def test_sampler_rejects_bad_shapes():
     obs, goals, w, noise = example_inputs(ORACLE, batch_size=2)
     with pytest.raises(ValueError, match="w must have shape"):
         sampler(obs, goals, torch.ones(3), noise)
-    with pytest.raises(ValueError, match="noise must have shape"):
+    with pytest.raises(ValueError, match=r"noise must be float \(2, 5\), got torch.float32 \(2, 4\)"):
         sampler(obs, goals, w, torch.zeros(2, 4))
     with pytest.raises(ValueError, match="flow_steps"):
         sampler(obs, goals, w, noise, flow_steps=0)
+    # What would run but give other actions, or fail deep inside the model: named up front.
+    with pytest.raises(ValueError, match=r"observations must be \(B, 64, 64, 3\) uint8, got torch.float32"):
+        sampler(obs.float() / 255, goals, w, noise)
+    with pytest.raises(ValueError, match=r"observations must be \(B, 64, 64, 3\) uint8, got torch.uint8 \(2, 32, 32, 3\)"):
+        sampler(obs[:, :32, :32], goals, w, noise)
+    with pytest.raises(ValueError, match=r"oracle goals must be float \(2, 3\), got torch.float32 \(2, 4\)"):
+        sampler(obs, torch.zeros(2, 4), w, noise)
+    image_sampler = GuidedSampler(make_policy(IMAGE))
+    obs, goal_images, w, noise = example_inputs(IMAGE, batch_size=2)
+    with pytest.raises(ValueError, match=r"goal images must be \(2, 64, 64, 3\) uint8, got torch.float32"):
+        image_sampler(obs, goal_images.float(), w, noise)
+    assert image_sampler(obs, goal_images, w, noise).shape == (2, 5)
 
 
 def test_condition_dropout_uses_the_null_embedding():
@@ -225,6 +239,34 @@ def test_corrupt_checkpoints_give_clear_errors(tmp_path):
         diverged.null_goal.fill_(float("nan"))
     with pytest.raises(CheckpointError, match="NaN or inf weights \\(null_goal\\).*diverge"):
         load_checkpoint(save_checkpoint(tmp_path / "diverged.safetensors", diverged))
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"hidden_dims": []}, "hidden_dims must be a non-empty tuple of integers >= 1, got \\(\\)"),
+    ({"encoder_dim": -1}, "encoder_dim must be an integer >= 1, got -1"),
+    ({"action_dim": "5"}, "action_dim must be an integer >= 1, got '5'"),
+    ({"encoder_channels": [16, 0]}, "encoder_channels must be a non-empty tuple"),
+    (None, "a PolicyConfig is a mapping of its fields, got list"),
+    ({"step": "12k"}, "invalid training step '12k'"),
+])
+def test_checkpoint_metadata_that_builds_no_model_is_a_checkpoint_error(tmp_path, change, reason):
+    """The digest covers the tensors, not the metadata: a hand-edited config must still fail by name."""
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    path = save_checkpoint(tmp_path / "good.safetensors", make_policy(), step=3)
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    config = json.loads(metadata["config"])
+    if change is None:
+        metadata["config"] = json.dumps(list(config.values()))
+    elif "step" in change:
+        metadata["step"] = change["step"]
+    else:
+        metadata["config"] = json.dumps({**config, **change})
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+    with pytest.raises(CheckpointError, match=reason):
+        load_checkpoint(path)
 
 
 def test_core_imports_without_ros():

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cfgrl_ros.checkpoint import save_checkpoint
+from cfgrl_ros.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cfgrl_ros.engines import BACKENDS, EngineUnavailable, example_inputs, load_engine
 from cfgrl_ros.policy import CFGRLPolicy, PolicyConfig
 
@@ -81,13 +81,21 @@ def benchmark_engine(checkpoint: str, backend: str, device: str, flow_steps: tup
     except EngineUnavailable as error:
         return {"engine": backend, "unavailable": str(error)}
     result = {"engine": engine.name, "load_s": time.perf_counter() - start}
-    result["latency"] = {k: latency_ms(engine, k, iterations) for k in flow_steps}
+    result["latency"] = {k: latency_ms(engine_for_steps(engine, checkpoint, k, threads), k, iterations)
+                         for k in flow_steps}
     result["throughput"] = {b: throughput(engine, b, min_seconds) for b in batch_sizes}
     if device.startswith("cuda"):
         result["memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         result["memory_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return result
+
+
+def engine_for_steps(engine, checkpoint: str, flow_steps: int, threads: int):
+    """The engine itself, or for a TensorRT program (built for one step count) the program for flow_steps."""
+    if engine.name != "tensorrt" or flow_steps == engine.flow_steps:
+        return engine
+    return load_engine(checkpoint, engine.name, str(engine.device), flow_steps=flow_steps, onnx_threads=threads)
 
 
 def machine_description(device: str, threads: int) -> str:
@@ -185,8 +193,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     unknown = set(engines) - {*BACKENDS, "auto"}
-    if unknown:
-        print(f"cfgrl-benchmark: error: unknown engines {sorted(unknown)}", file=sys.stderr)
+    problem = f"unknown engines {sorted(unknown)}" if unknown else None
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        problem = f"--device {args.device}: this machine has no CUDA device"
+    if args.checkpoint and not problem:
+        try:
+            load_checkpoint(args.checkpoint)  # here, not as a traceback from the engine's process
+        except CheckpointError as error:
+            problem = str(error)
+    if problem:
+        print(f"cfgrl-benchmark: error: {problem}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="cfgrl-benchmark-") as scratch:
         workdir = Path(args.workdir or scratch)

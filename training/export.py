@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -79,9 +80,14 @@ def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path | None = 
             program = export_program(sampler, flow_steps, max_batch)
         if kind == "pt2":
             torch.export.save(program, str(path))
-        elif kind == "onnx":
-            export_onnx(program, path)
-            verify_onnx(path, sampler, flow_steps)
+        elif kind == "onnx":  # checked under a temporary name, so a failed check never leaves a usable file
+            unchecked = export_onnx(program, path.with_name(f".{path.name}.unchecked"))
+            try:
+                verify_onnx(unchecked, sampler, flow_steps)
+            except ExportError:
+                unchecked.unlink()
+                raise
+            os.replace(unchecked, path)
         else:
             try:
                 build_tensorrt(checkpoint, flow_steps, path, tensorrt_device, max_batch)
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         written = export_checkpoint(args.checkpoint, args.out, args.flow_steps,
                                     tuple(f.strip() for f in args.formats.split(",") if f.strip()),
                                     args.max_batch, args.device)
-    except (CheckpointError, ExportError, ValueError) as error:
+    except (CheckpointError, ExportError, ValueError, OSError) as error:  # OSError: e.g. an unwritable --out
         print(f"cfgrl-export: error: {error}", file=sys.stderr)
         return 2
     for kind, path in written.items():
