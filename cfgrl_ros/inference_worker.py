@@ -77,17 +77,28 @@ class InferenceWorker:
             self._kicked = True
             self._wake.notify()
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Ask the thread to finish its current step and exit; waits for it."""
+    def stop(self, timeout_s: float = 10.0) -> bool:
+        """Ask the thread to finish its current step and exit; waits up to timeout_s for it.
+
+        True when the thread has ended. False when a step is still running past the timeout: the caller
+        must then make sure that step's results go nowhere (the policy node gates its publisher).
+        """
         with self._wake:
             self._running = False
             self._wake.notify()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
+        if self._thread is threading.current_thread():
+            return False
+        if self._thread.is_alive():
             self._thread.join(timeout_s)
+        return not self._thread.is_alive()
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def on_own_thread(self) -> bool:
+        """True when called from this worker's thread (from within a step)."""
+        return threading.current_thread() is self._thread
 
     def _run(self) -> None:
         while True:
@@ -97,10 +108,11 @@ class InferenceWorker:
                 if not self._running:
                     return
                 self._kicked = False
-            # Rate cap: wait out the rest of the interval, then work on whatever is newest by then.
-            delay = self._last_work + self.min_interval_s - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+                # Rate cap: wait out the rest of the interval (a stop ends the wait), then work on
+                # whatever is newest by then.
+                delay = self._last_work + self.min_interval_s - time.monotonic()
+                if delay > 0 and self._wake.wait_for(lambda: not self._running, timeout=delay):
+                    return
             start = time.monotonic()
             try:
                 if self._step():

@@ -191,6 +191,42 @@ def test_worker_rate_cap_counts_only_steps_that_worked():
     assert len(calls) == 3  # no 10 s waits: none of the steps ran an inference
 
 
+def test_worker_stop_ends_a_rate_cap_wait_and_reports_a_step_that_outlives_it():
+    calls, release = [], threading.Event()
+
+    def step() -> bool:
+        calls.append(time.monotonic())
+        if len(calls) == 2:
+            release.wait(5)  # an inference that outlives the stop's timeout
+        return True
+
+    worker = InferenceWorker(step, print, min_interval_s=30.0)
+    worker.start()
+    worker.kick()
+    deadline = time.monotonic() + 5
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.001)
+    worker.kick()  # the second step now waits out the 30 s rate cap
+    time.sleep(0.05)
+    start = time.monotonic()
+    assert worker.stop(timeout_s=5) and time.monotonic() - start < 2  # the stop ended the wait
+    assert len(calls) == 1  # and the step it held back never ran
+
+    calls.clear()
+    worker = InferenceWorker(step, print)
+    worker.start()
+    for _ in range(2):
+        count = len(calls)
+        worker.kick()
+        while len(calls) == count and time.monotonic() < deadline + 5:
+            time.sleep(0.001)
+    assert not worker.stop(timeout_s=0.1) and worker.alive  # the second step is still running
+    assert not worker.on_own_thread()
+    release.set()
+    worker.stop(timeout_s=5)
+    assert not worker.alive and len(calls) == 2
+
+
 def test_rate_meter_and_latency_stats():
     meter = RateMeter(window_s=5.0)
     for i in range(11):
@@ -592,6 +628,67 @@ def test_sigint_publishes_the_stop_and_exits_cleanly(rig, probe):
     stop = probe.wait_for_action(lambda m: not computed(m), "the stop action", start=start, timeout_s=15)
     assert not any(stop.action)
     assert node.process.wait(15) == 0
+
+
+@requires_rclpy
+def test_a_step_outliving_deactivation_never_publishes_after_the_stop(ros_domain, tmp_path, monkeypatch):
+    """In-process node whose engine is made slow on demand: deactivation times out waiting for the step and
+    publishes the stop; the node is active again (a new worker) when the old step computes its action,
+    which is never sent nor held."""
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from cfgrl_ros.nodes import policy_node
+    from cfgrl_ros.nodes.probe import PolicyProbe
+
+    monkeypatch.setattr(policy_node, "WORKER_STOP_TIMEOUT_S", 0.2)
+    checkpoint = small_checkpoint(tmp_path / "image.safetensors", "image")
+    overrides = {"policy": str(checkpoint), "backend": "torch", "control_rate_hz": CONTROL_RATE_HZ,
+                 "max_image_age_s": 60.0, "autostart": False}
+    node = policy_node.PolicyNode(namespace="slow", parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    spinning, release = threading.Event(), threading.Event()
+
+    def spin() -> None:
+        while spinning.is_set():
+            executor.spin_once(timeout_sec=0.05)
+
+    spinner = threading.Thread(target=spin)
+    probe = PolicyProbe(namespace="slow")
+    try:
+        assert node.start()
+        spinning.set()
+        spinner.start()
+        probe.wait_for_node("goal/image", STARTUP_S)
+        probe.publish_goal_image(frames(40)[0])
+        act_on(probe, frames(41)[0])
+
+        engine, entered = node.engine, threading.Event()
+        real_infer = engine.infer
+
+        def slow_infer(*args, **kwargs):
+            entered.set()
+            release.wait(10)
+            return real_infer(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "infer", slow_infer)
+        assert entered.wait(10), "no inference started"
+        start = len(probe.actions)
+        assert node.trigger_deactivate() == policy_node.TransitionCallbackReturn.SUCCESS
+        stop = probe.wait_for_action(lambda m: not computed(m), "the stop action", start=start, timeout_s=5)
+        assert node.trigger_activate() == policy_node.TransitionCallbackReturn.SUCCESS
+        release.set()  # the old step now computes its action, with the action topic live again
+        probe.spin_for(1.0)  # no frame since: the new activation has nothing to act on
+        assert probe.actions[-1].message is stop and not any(stop.action), "an action after the stop"
+    finally:
+        release.set()
+        spinning.clear()
+        if spinner.is_alive():
+            spinner.join(5)
+        probe.destroy()
+        executor.shutdown()
+        node.destroy_node()
 
 
 @requires_rclpy

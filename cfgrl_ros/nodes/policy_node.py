@@ -63,6 +63,7 @@ LATCHED_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=R
 ACTION_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
 THROTTLE_S = 2.0
 STALE_CHECK_PERIOD_S = 0.05
+WORKER_STOP_TIMEOUT_S = 10.0  # deactivation waits this long for an inference in progress
 
 
 @dataclasses.dataclass
@@ -113,6 +114,10 @@ class PolicyNode(LifecycleNode):
         self.fallback_reason = ""
         self.frames: Mailbox[Frame] = Mailbox()
         self.worker: InferenceWorker | None = None
+        # Only this activation's worker acts and publishes (and deactivation its final stop action): a step
+        # still running after its stop() timed out never publishes, nor leaves an action to hold.
+        self._publish_lock = threading.Lock()
+        self._publishing_worker: InferenceWorker | None = None
         self._observation: Observation | None = None  # newest decoded frame; inference thread only
         self._frame_unacted = False  # _observation has not produced an action yet; inference thread only
         self._goal: Goal | None = None
@@ -282,6 +287,8 @@ class PolicyNode(LifecycleNode):
         rate = self.param("control_rate_hz")
         self.worker = InferenceWorker(self._control_step, self._on_worker_error,
                                       min_interval_s=1.0 / rate if trigger == "image" else 0.0)
+        with self._publish_lock:
+            self._publishing_worker = self.worker
         self.worker.start()
         self._subscribe()
         # timer trigger: every tick computes. image trigger: images kick the worker; the timer only
@@ -324,14 +331,18 @@ class PolicyNode(LifecycleNode):
         if self._control_timer is not None:
             self.destroy_timer(self._control_timer)
             self._control_timer = None
+        with self._publish_lock:  # waits out a publish in progress; none follows
+            self._publishing_worker = None
         if self.worker is not None:
-            self.worker.stop()
+            if not self.worker.stop(timeout_s=WORKER_STOP_TIMEOUT_S):
+                self.get_logger().error(f"the inference step did not finish within {WORKER_STOP_TIMEOUT_S:g} s; "
+                                        "it is left to end on its own and can no longer publish")
             self.worker = None
         for subscription in self._subscriptions_active:
             self.destroy_subscription(subscription)
         self._subscriptions_active = []
         if publish_stop and self.engine is not None:
-            self._publish_stale()
+            self._publish_stale(final=True)
             # Reliable: make sure the stop reaches current subscribers before the publisher goes quiet.
             self._action_pub.wait_for_all_acked(Duration(seconds=0.5))
         self._observation, self._last_action, self._frame_unacted = None, None, False
@@ -443,6 +454,8 @@ class PolicyNode(LifecycleNode):
         if inputs is not Inputs.FRESH or (self._trigger == "image" and not self._frame_unacted):
             return False
         inference = self._infer(observation.pixels, goal.tensor)
+        if self._superseded():  # deactivated while inferring: this activation's state is gone
+            return True
         try:
             action = checked_action(inference.action)
         except ActionError as error:  # never published: the stale action (a stop by default) instead
@@ -491,17 +504,19 @@ class PolicyNode(LifecycleNode):
         self.stats.inference_rate.tick()
         return Inference(action, w, active.flow_steps, inference_ms)
 
-    def _publish_stale(self) -> None:
+    def _publish_stale(self, final: bool = False) -> None:
         action = stale_action(self.param("stale_action"), self._last_action, self.engine.config.action_dim)
         if action is None or not self.param("enable_control"):
             return
         observation = self._observation
-        self._publish(action, observation.stamp if observation else Time(), self.param("w"),
-                      self._active.flow_steps, 0.0)
-        self.stats.stale_actions += 1
+        if self._publish(action, observation.stamp if observation else Time(), self.param("w"),
+                         self._active.flow_steps, 0.0, final):
+            self.stats.stale_actions += 1
 
     def _publish(self, action: np.ndarray, image_stamp: Time, w: float, flow_steps: int,
-                 inference_ms: float) -> None:
+                 inference_ms: float, final: bool = False) -> bool:
+        """Publish one action, True when sent: only from the active worker's thread, or `final`
+        (deactivation's stop action)."""
         message = PolicyAction()
         message.header.stamp = self.get_clock().now().to_msg()
         message.header.frame_id = self.param("frame_id")
@@ -510,8 +525,17 @@ class PolicyNode(LifecycleNode):
         message.w = w
         message.flow_steps = flow_steps
         message.inference_time_ms = inference_ms
-        self._action_pub.publish(message)
+        with self._publish_lock:
+            if not final and self._superseded():
+                return False
+            self._action_pub.publish(message)
         self.stats.action_rate.tick()
+        return True
+
+    def _superseded(self) -> bool:
+        """True on a worker thread that is not the active one (a step that outlived its deactivation)."""
+        worker = self._publishing_worker
+        return worker is None or not worker.on_own_thread()
 
     def _on_worker_error(self, error: BaseException) -> None:
         """A failed control step: reported, and the robot gets the stale action (a stop by default)."""
