@@ -22,8 +22,8 @@ export AMENT_PREFIX_PATH="$VIRTUAL_ENV${AMENT_PREFIX_PATH:+:$AMENT_PREFIX_PATH}"
 export PYTHONPATH="$_cfgrl_repo_root${PYTHONPATH:+:$PYTHONPATH}"
 # Headless rendering for MuJoCo (libEGL + Mesa from setup.sh).
 export MUJOCO_GL="${MUJOCO_GL:-egl}"
-# Keep DDS discovery on this host and off the default domain 0 unless the caller chose otherwise.
+# Keep DDS discovery on this host unless the caller chose otherwise. ROS_DOMAIN_ID is left alone:
+# the demo, the evaluators and the tests each claim a free domain of their own (cfgrl_ros/ros_domain.py).
 export ROS_AUTOMATIC_DISCOVERY_RANGE="${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}"
-export ROS_DOMAIN_ID="${ROS_DOMAIN_ID:-37}"
 
 unset _cfgrl_repo_root _cfgrl_venv

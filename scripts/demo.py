@@ -45,26 +45,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shadow-size", type=int, default=1024, help="shadow map size; 0 = OGBench's 4096")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default=str(REPO_ROOT / "runs" / "demo"))
+    parser.add_argument("--ros-domain-id", type=int, default=None,
+                        help="ROS domain of the demo's nodes (default: a free one of 30-59, claimed with a lock file)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # Run directly (not through demo.sh): still loopback-only discovery and a domain of its own.
-    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    os.environ.setdefault("ROS_DOMAIN_ID", "37")
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if not Path(args.policy).is_file():
         print(f"demo: no policy checkpoint at {args.policy}; pass --policy PATH", file=sys.stderr)
         return 2
+    from cfgrl_ros.ros_domain import isolate_process
     from training.evaluate import episode_limit, markdown_table, write_report
     from training.ros_evaluate import evaluate_through_ros
+
+    try:
+        domain_id = isolate_process(args.ros_domain_id)  # loopback only, a domain no other run uses
+    except (ValueError, RuntimeError) as error:
+        parser.error(str(error))
 
     max_steps = args.max_steps or episode_limit(args.env)
     episodes = len(args.w) * len(args.tasks) * args.episodes_per_task
     seconds_per_step = SECONDS_PER_STEP_CPU.get(args.env, SECONDS_PER_STEP_CPU["default"])
     print(f"demo: {args.env}, tasks {args.tasks}, {args.episodes_per_task} episode(s) per task and w, "
           f"w in {args.w}: {episodes} episodes of at most {max_steps} steps, through the policy node and "
-          f"the sim node over ROS 2 (lockstep). Worst case ~{episodes * max_steps * seconds_per_step / 60:.1f} "
+          f"the sim node over ROS 2 (lockstep, loopback only, ROS_DOMAIN_ID {domain_id}). Worst case ~{episodes * max_steps * seconds_per_step / 60:.1f} "
           f"min of stepping on a 2-core CPU; an episode ends early when the goal is reached.", flush=True)
     results = evaluate_through_ros(args.policy, args.env, args.w, episodes_per_task=args.episodes_per_task,
                                    tasks=args.tasks, seed=args.seed, max_steps=max_steps,

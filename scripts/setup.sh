@@ -32,7 +32,13 @@ quietly() {
 }
 
 as_root() {
-  if [[ $EUID -eq 0 ]]; then "$@"; else sudo "$@"; fi
+  if [[ $EUID -eq 0 ]]; then
+    "$@"
+  elif command -v sudo >/dev/null; then
+    sudo "$@"
+  else
+    die "not root and no sudo: as root, run  apt-get install -y --no-install-recommends ${MISSING_APT[*]}  then run this again"
+  fi
 }
 
 # Hash of the names and contents of the given repo-relative files, plus any extra words.
@@ -54,6 +60,8 @@ source_files() {
     LC_ALL=C sort)
 }
 
+MISSING_APT=()
+
 site_packages() { printf '%s/lib/python3.11/site-packages' "$VENV_DIR"; }
 
 install_apt_packages() {
@@ -61,19 +69,31 @@ install_apt_packages() {
     log "apt: no dpkg here; install the equivalents of ${APT_PACKAGES[*]} yourself"
     return
   fi
-  local missing=() pkg
+  local pkg
+  MISSING_APT=()
   for pkg in "${APT_PACKAGES[@]}"; do
     [[ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null)" == "install ok installed" ]] ||
-      missing+=("$pkg")
+      MISSING_APT+=("$pkg")
   done
-  if ((${#missing[@]} == 0)); then
+  if ((${#MISSING_APT[@]} == 0)); then
     log "apt: all ${#APT_PACKAGES[@]} packages present"
     return
   fi
-  log "apt: installing ${missing[*]}"
+  log "apt: installing ${MISSING_APT[*]}"
   as_root apt-get update -qq
   quietly as_root env DEBIAN_FRONTEND=noninteractive \
-    apt-get install -y --no-install-recommends "${missing[@]}"
+    apt-get install -y --no-install-recommends "${MISSING_APT[@]}"
+}
+
+# The package names above are Debian 12's; elsewhere they may differ, so say so before using them.
+check_os() {
+  local id="" version=""
+  if [[ -r /etc/os-release ]]; then
+    id="$(. /etc/os-release && printf '%s' "${ID:-}")"
+    version="$(. /etc/os-release && printf '%s' "${VERSION_ID:-}")"
+  fi
+  [[ "$id" == debian && "$version" == 12 ]] ||
+    log "warning: made for Debian 12, this is ${id:-an unknown OS} ${version}; apt package names may differ"
 }
 
 # python3.11 first; python3 only if it is 3.11 (pyenv here, /usr/bin/python3 on Debian 12).
@@ -93,13 +113,17 @@ create_venv() {
   if [[ -x "$VENV_PY" ]]; then
     "$VENV_PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' ||
       die "$VENV_DIR is not a Python 3.11 venv; remove it or set VENV_DIR"
-    log "venv: $VENV_DIR present"
-    return
+    if "$VENV_PY" -m pip --version >/dev/null 2>&1; then
+      log "venv: $VENV_DIR present"
+      return
+    fi
+    log "venv: $VENV_DIR has no working pip (an interrupted creation?): making it again"
+    rm -rf "$STAMP_DIR"
   fi
   local python
   python="$(find_python311)"
   log "venv: creating $VENV_DIR with $python"
-  "$python" -m venv "$VENV_DIR"
+  "$python" -m venv --clear "$VENV_DIR"
 }
 
 install_requirements() {
@@ -155,13 +179,24 @@ install_project() {
   write_stamp project "$hash"
 }
 
+# What the tests and the node need, imported from the venv (not the source tree, hence cd /) the way
+# they will be: a failure here, not a skip later.
+check_install() {
+  quietly env -C / -u PYTHONPATH AMENT_PREFIX_PATH="$VENV_DIR" "$VENV_PY" -c \
+    'import rclpy, torch, ogbench, mujoco, onnxruntime; from cfgrl_ros.msg import PolicyAction; import cfgrl_ros.nodes.policy_node'
+  log "check: rclpy, torch, ogbench, mujoco, onnxruntime and cfgrl_ros.msg import"
+}
+
 main() {
   local start=$SECONDS
+  check_os
+  find_python311 >/dev/null  # before apt: a missing Python 3.11 is said first
   install_apt_packages
   create_venv
   install_requirements
   build_messages
   install_project
+  check_install
   log "done in $((SECONDS - start)) s; use it with: source scripts/_env.sh"
 }
 

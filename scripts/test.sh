@@ -10,6 +10,8 @@ source "$REPO_ROOT/scripts/_env.sh"
 cd "$REPO_ROOT"
 
 status=0
+# The set-up above installed ROS 2: a test that would skip for want of rclpy fails instead.
+export CFGRL_REQUIRE_ROS=1
 python -m pytest -q tests "$@" || status=$?
 if ((status == 5)); then
   echo "test.sh: pytest collected no tests; that is a failure here" >&2

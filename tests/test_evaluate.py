@@ -233,8 +233,8 @@ def test_command_line_reports_a_bad_checkpoint_or_output_dir(pointreach_checkpoi
 
 def test_ogbench_visual_cube_plumbing_oracle_goals_match_ogbench():
     """1 task, 1 episode, 3 steps, w in {1, 3}: once in a spawned worker, once in-process."""
-    gymnasium = pytest.importorskip("gymnasium")
-    pytest.importorskip("ogbench")
+    import gymnasium
+    import ogbench  # noqa: F401 - registers the envs
     runs = []
     for workers in (1, 0):
         engine = random_engine(action_dim=5, goal_mode="oracle", goal_dim=3, image_size=64)
@@ -264,7 +264,6 @@ def test_ogbench_visual_cube_plumbing_oracle_goals_match_ogbench():
 
 
 def test_ogbench_image_goals_are_rendered_goal_observations():
-    pytest.importorskip("ogbench")
     engine = random_engine(action_dim=5, goal_mode="image", image_size=64)
     ev.evaluate(engine, "visual-cube-single-v0", [2.0], episodes_per_task=1, tasks=[1], workers=0,
                 max_steps=1, flow_steps=2, progress=False)

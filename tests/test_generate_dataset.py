@@ -61,8 +61,9 @@ def test_output_loads_through_ogbench_and_the_project_loader(reference, tmp_path
     assert (reference / 'preview.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     assert '"transitions_produced": 30' in record_path.read_text()
 
-    data_module = pytest.importorskip('training.data', reason='training/data.py (the project loader) is not present')
-    train, val = data_module.load_dataset_pair(train_path, env_name='cube-single', cache_dir=tmp_path)
+    from training.data import load_dataset_pair
+
+    train, val = load_dataset_pair(train_path, env_name='cube-single', cache_dir=tmp_path)
     assert len(train) == 20 and len(val) == 10
     assert train.goal_vectors().shape == (20, oracle_goal_dim('cube-single'))
     with np.load(train_path) as raw:

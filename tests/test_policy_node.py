@@ -285,17 +285,21 @@ def small_checkpoint(path: Path, goal_mode: str):
 @pytest.fixture(scope="module")
 def ros_domain(tmp_path_factory):
     """A ROS domain of this module's own (the conftest's ros_env, at module scope), and rclpy in it."""
-    pytest.importorskip("rclpy", reason="rclpy is not importable: run scripts/setup.sh and use its venv")
-    import rclpy
-    from conftest import _claim_domain_id  # the lock-file claim behind ros_env
+    from conftest import rclpy_unavailable_reason
 
-    domain_id, lock_fd = _claim_domain_id()
+    if rclpy_unavailable_reason():
+        pytest.skip(rclpy_unavailable_reason())  # the requires_rclpy tests that use this are skipped already
+    import rclpy
+    from conftest import ROS_ISOLATION_VARIABLES
+
+    from cfgrl_ros.ros_domain import TEST_DOMAIN_IDS, claim_domain_id, set_loopback_only
+
+    domain_id, lock_fd = claim_domain_id(TEST_DOMAIN_IDS)
     log_dir = tmp_path_factory.mktemp("ros_log")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("ROS_DOMAIN_ID", str(domain_id))
-        patch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-        patch.delenv("ROS_STATIC_PEERS", raising=False)
-        patch.delenv("ROS_LOCALHOST_ONLY", raising=False)
+        for name in ROS_ISOLATION_VARIABLES:
+            patch.setenv(name, "")  # records the value to restore
+        set_loopback_only(os.environ, domain_id)
         patch.setenv("ROS_LOG_DIR", str(log_dir))
         patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
         rclpy.init()

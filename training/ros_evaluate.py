@@ -35,6 +35,7 @@ from tqdm import tqdm
 from cfgrl_ros.checkpoint import load_checkpoint
 from cfgrl_ros.nodes import bridge
 from cfgrl_ros.nodes.processes import POLICY_MODULE, SIM_MODULE, NodeProcess
+from cfgrl_ros.ros_domain import isolate_process
 from training.evaluate import POINTREACH, episode_limit, episode_seed, markdown_table, summarize, write_report
 
 SIM_NODE, POLICY_NODE = "cfgrl_sim", "cfgrl"
@@ -193,13 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=int, default=None, help="episode limit override (short runs)")
     parser.add_argument("--shadow-size", type=int, default=0, help="OGBench shadow map (0: default 4096)")
     parser.add_argument("--out-dir", default=None, help="default: <checkpoint dir>/ros-eval-<env>")
+    parser.add_argument("--ros-domain-id", type=int, default=None,
+                        help="ROS domain of the nodes (default: a free one of 30-59, claimed with a lock file)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    # Both nodes run on this machine: keep DDS discovery on loopback unless the caller chose otherwise.
-    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:  # both nodes run on this machine: loopback-only discovery, in a domain no other run uses
+        isolate_process(args.ros_domain_id)
+    except (ValueError, RuntimeError) as error:
+        parser.error(str(error))
     results = evaluate_through_ros(args.policy, args.env, args.w, episodes_per_task=args.episodes_per_task,
                                    tasks=args.tasks, seed=args.seed, flow_steps=args.flow_steps,
                                    max_steps=args.max_steps, shadow_size=args.shadow_size)
