@@ -128,14 +128,15 @@ create_venv() {
 
 install_requirements() {
   local hash
-  hash="$(hash_inputs "pip==$PIP_VERSION" requirements.txt constraints.txt)"
+  hash="$(hash_inputs "pip==$PIP_VERSION" requirements.txt constraints.txt build-constraints.txt)"
   if up_to_date requirements "$hash" "$VENV_DIR/bin/pytest"; then
     log "pip: pinned requirements up to date"
     return
   fi
   log "pip: installing pinned requirements (a few minutes on a new venv)"
   "$VENV_PY" -m pip install -q "pip==$PIP_VERSION"
-  "$VENV_PY" -m pip install -q -r "$REPO_ROOT/requirements.txt" -c "$REPO_ROOT/constraints.txt"
+  "$VENV_PY" -m pip install -q -r "$REPO_ROOT/requirements.txt" -c "$REPO_ROOT/constraints.txt" \
+    --build-constraint "$REPO_ROOT/build-constraints.txt"
   write_stamp requirements "$hash"
 }
 
