@@ -1,7 +1,7 @@
 """Checkpoints: one safetensors file, loaded without executing any code.
 
 The file holds the policy weights under `policy.*`, optionally the training state under
-`train.*` (optimizer moments, RNG states) for resuming, and string metadata: the full PolicyConfig,
+`train.*` (the optimizer's moments; batches are reseeded from the step) for resuming, and string metadata: the full PolicyConfig,
 the goal mode, the dataset fingerprint, the code version, and a SHA-256 of every tensor's bytes so
 that silent corruption (a flipped bit, a half-copied file) is caught at load time, not by a robot.
 """

@@ -184,7 +184,9 @@ class CFGRLPolicy(nn.Module):
         with torch.no_grad():
             self.velocity.condition_in.weight.copy_(first[:, : self.velocity.condition_in.in_features])
             self.velocity.action_in.weight.copy_(first[:, self.velocity.condition_in.in_features:])
-        nn.init.normal_(self.null_goal, std=0.02)
+        # As the reference's flax nn.Embed: std 1/sqrt(dim). A near-zero init would sit on a real goal
+        # (zero is a cube at the table's centre in oracle coordinates) and blunt guidance early on.
+        nn.init.normal_(self.null_goal, std=self.null_goal.numel() ** -0.5)
 
     def encode_observation(self, observations: torch.Tensor) -> torch.Tensor:
         return self.encoder(observations)

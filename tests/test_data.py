@@ -135,6 +135,17 @@ def test_oracle_mode_without_oracle_reps_says_what_to_do(tmp_path):
     assert GoalBatchSampler(dataset, "image", batch_size=4).sample()["goals"].dtype == torch.uint8
 
 
+def test_oracle_goals_computed_from_a_corrupt_qpos_are_refused(tmp_path):
+    path = write_pair(tmp_path, oracle=False)
+    with np.load(path) as raw:
+        arrays = dict(raw)
+    arrays["qpos"][5, :] = np.nan
+    np.savez_compressed(path, **arrays)
+    dataset = load_dataset(path, env_name="visual-cube-single-v0")
+    with pytest.raises(DatasetError, match="NaN or inf in 1 rows \\(first: 5\\)"):
+        dataset.goal_vectors()
+
+
 def test_oracle_reps_computed_from_qpos_when_env_is_known(tmp_path):
     from training.oracle_goals import oracle_goals
 

@@ -82,6 +82,55 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path, capsys):
     assert load_checkpoint(tmp_path / "run" / "checkpoint.safetensors").step == 3  # untouched
 
 
+def test_an_existing_run_is_never_overwritten_and_resume_trims_its_logs(tmp_path):
+    train(tiny_config(tmp_path, steps=3))
+    with pytest.raises(TrainError, match="checkpoint.safetensors exists: pass --resume"):
+        train(tiny_config(tmp_path, steps=6))
+    with pytest.raises(TrainError, match="precision 'bf16' != 'fp32'"):
+        train(tiny_config(tmp_path, steps=6, resume=True, precision="fp32"))
+    metrics = tmp_path / "run" / "metrics.csv"
+    with open(metrics, "a") as file:  # what a run killed after its step-3 checkpoint had logged
+        file.write("4,train/loss,9.99,0\n")
+    train(tiny_config(tmp_path, steps=6, resume=True))
+    with open(metrics) as file:
+        rows = [(int(row["step"]), row["name"]) for row in csv.DictReader(file)]
+    assert len(rows) == len(set(rows)) and max(step for step, _ in rows) == 6  # no row twice
+    assert ("9.99" not in metrics.read_text()) and (4, "train/loss") in rows
+
+
+def test_diverged_weights_never_replace_the_last_checkpoint(tmp_path, monkeypatch):
+    train(tiny_config(tmp_path, steps=3))
+    good = (tmp_path / "run" / "checkpoint.safetensors").read_bytes()
+    real_step = torch.optim.Adam.step
+
+    def diverging_step(self, *args, **kwargs):  # the weights blow up, the loss of that step was finite
+        result = real_step(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(torch.optim.Adam, "step", diverging_step)
+    with pytest.raises(FloatingPointError, match="NaN or inf by step 6; the last good checkpoint is kept"):
+        train(tiny_config(tmp_path, steps=8, resume=True, log_every=100))  # saves at 6, logs only at 8
+    assert (tmp_path / "run" / "checkpoint.safetensors").read_bytes() == good
+
+
+def test_a_bare_cuda_device_means_this_processs_gpu():
+    from training.train import resolve_device
+
+    assert resolve_device("cuda", 3) == torch.device("cuda", 3)
+    assert resolve_device("cuda:1", 3) == torch.device("cuda", 1)
+    assert resolve_device("cpu", 3) == torch.device("cpu")
+
+
+def test_the_null_goal_starts_at_the_reference_scale():
+    from cfgrl_ros.policy import CFGRLPolicy, PolicyConfig
+
+    torch.manual_seed(0)
+    image = CFGRLPolicy(PolicyConfig(action_dim=2, goal_mode="image", image_size=16)).null_goal
+    assert image.numel() == 512 and abs(image.std().item() - 512 ** -0.5) < 0.01  # flax nn.Embed: 1/sqrt(dim)
+
+
 def test_bad_settings_are_refused_before_anything_runs(tmp_path):
     (tmp_path / "train.yaml").write_text("lr: 3e-4\nsteps: 12\n")  # YAML reads 3e-4 as text: taken as a number
     config = parse_config(["--config", str(tmp_path / "train.yaml"), "--dataset", "x.npz"])

@@ -324,17 +324,19 @@ class GoalBatchSampler:
             on_device = self.device.type == "cuda" and _fits_on_gpu(dataset.observations.nbytes, self.device,
                                                                    gpu_reserve_bytes)
         self.on_device = on_device
-        index_device = self.device if on_device else torch.device("cpu")
+        # Rows are drawn on the CPU whatever the device, so the batches of a seed do not depend on whether
+        # the images fitted on the GPU (free memory differs between a run and its resumption).
+        row_device = self.device if on_device else torch.device("cpu")  # where rows are gathered
         (valid_idxs,) = np.nonzero(dataset.valids > 0)
         if len(valid_idxs) == 0:
             raise DatasetError(f"{dataset.path}: no valid rows (every episode has a single row)")
-        self._valid_idxs = torch.from_numpy(valid_idxs).to(index_device)
-        self._ends = torch.from_numpy(goal_end_indices(dataset.terminals)).to(index_device)
-        self._actions = torch.from_numpy(dataset.actions).to(index_device)
-        self._goal_vectors = (torch.from_numpy(dataset.goal_vectors()).to(index_device)
+        self._valid_idxs = torch.from_numpy(valid_idxs)
+        self._ends = torch.from_numpy(goal_end_indices(dataset.terminals))
+        self._actions = torch.from_numpy(dataset.actions).to(row_device)
+        self._goal_vectors = (torch.from_numpy(dataset.goal_vectors()).to(row_device)
                               if goal_mode == "oracle" else None)
         self._images = _upload(dataset.observations, self.device) if on_device else None
-        self._index_generator = torch.Generator(index_device)
+        self._index_generator = torch.Generator()
         self.generator = torch.Generator(self.device)  # shift offsets; the training step may draw its noise here
         self._coin_generator = torch.Generator()  # on the CPU, so the per-batch coin never syncs a GPU
         self.reseed(seed)
@@ -358,15 +360,16 @@ class GoalBatchSampler:
         self._coin_generator.manual_seed(seed + 2)
 
     def sample_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Uniform valid rows and their uniform future goal rows, on the index device."""
-        picks = torch.randint(len(self._valid_idxs), (self.batch_size,), generator=self._index_generator,
-                              device=self._valid_idxs.device)
+        """Uniform valid rows and their uniform future goal rows (CPU tensors)."""
+        picks = torch.randint(len(self._valid_idxs), (self.batch_size,), generator=self._index_generator)
         idxs = self._valid_idxs[picks]
         return idxs, future_goal_indices(idxs, self._ends[idxs], self._index_generator)
 
     def sample(self, augment: bool = True) -> dict[str, torch.Tensor]:
         """One batch; `augment=False` (validation) skips the augmentation coin."""
         idxs, goal_idxs = self.sample_indices()
+        if self.on_device:
+            idxs, goal_idxs = idxs.to(self.device), goal_idxs.to(self.device)
         image_goals = self.goal_mode == "image"
         images = self._gather_images(torch.cat([idxs, goal_idxs]) if image_goals else idxs)
         if augment and torch.rand((), generator=self._coin_generator).item() < self.p_aug:
@@ -409,6 +412,10 @@ def _compute_oracle_reps(dataset: OfflineDataset) -> np.ndarray:
     reps = np.asarray(oracle_goals(dataset.env_name, dataset.qpos, dataset.button_states), dtype=np.float32)
     if reps.ndim != 2 or len(reps) != len(dataset):
         raise DatasetError(f"{dataset.path}: oracle_goals returned shape {reps.shape}, expected ({len(dataset)}, G)")
+    bad = ~np.isfinite(reps).all(axis=1)
+    if bad.any():
+        raise DatasetError(f"{dataset.path}: the oracle goals computed from qpos are NaN or inf in {int(bad.sum())} "
+                           f"rows (first: {int(np.argmax(bad))}): the file's qpos is corrupt")
     return reps
 
 

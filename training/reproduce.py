@@ -68,7 +68,8 @@ TRAINING_KEYS = {f.name for f in dataclasses.fields(TrainConfig)} - {"dataset", 
                                                                       "device", "resume"}
 EVALUATION_KEYS = {"ws", "tasks", "episodes_per_task", "max_steps", "flow_steps", "seed", "workers", "envs_per_worker"}
 # Settings that change what a stage computes; the rest (logging, process counts, devices) do not.
-TRAINING_RESULT_KEYS = ("goal_mode", "goal_encoder", "steps", "batch_size", "lr", "p_aug", "condition_dropout", "seed")
+TRAINING_RESULT_KEYS = ("goal_mode", "goal_encoder", "steps", "batch_size", "lr", "p_aug", "condition_dropout", "seed",
+                        "precision")
 EVALUATION_RESULT_KEYS = ("ws", "tasks", "episodes_per_task", "max_steps", "flow_steps", "seed")
 
 
@@ -542,7 +543,8 @@ def run_lines(plan: Plan, records: Mapping[str, StageRecord], results: Mapping[s
         f"transitions/s with {gen.summary['workers']} worker(s)",
         f"- training: {t['steps']:,} steps at batch {t['batch_size']}, goal mode {plan.goal_mode}, "
         f"lr {t['settings']['lr']:g}, p_aug {t['settings']['p_aug']:g}, goal dropout "
-        f"{t['settings']['condition_dropout']:g}, device {t['settings']['device']}; final train loss "
+        f"{t['settings']['condition_dropout']:g}, device {t['settings']['device']}, precision "
+        f"{t['settings'].get('precision', 'bf16')} (fp32 on a CPU); final train loss "
         f"{t['final_train_loss']:.4f}, validation loss {t['final_val_loss']:.4f}, mean {t['mean_steps_per_s']} steps/s",
         f"- evaluation: {len(ws)} values of w ({', '.join(f'{w:g}' for w in ws)}) x task(s) {tasks} x {results['episodes_per_task']} "
         f"episode(s) = {ev.summary['episodes']} episodes ({per_w} per w), at most {results['max_steps']} steps each, "

@@ -17,6 +17,8 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from tqdm import tqdm
 from cfgrl_ros.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cfgrl_ros.policy import CFGRLPolicy, PolicyConfig
 from training.data import DatasetError, GoalBatchSampler, dataset_fingerprint, load_dataset_pair
+from training.oracle_goals import OracleGoalError
 
 
 class TrainError(ValueError):
@@ -55,7 +58,7 @@ class TrainConfig:
     save_every: int = 10_000
     resume: bool = False
     compile: bool = False
-    precision: str = "bf16"  # CUDA forward/loss under bf16 autocast, or plain fp32 (the reference's); CPU: fp32
+    precision: str = "bf16"  # CUDA forward/loss under bf16 autocast, or fp32 (TF32 matmuls, as JAX's GPU default); CPU: fp32
 
     def __post_init__(self) -> None:
         """Types as declared (YAML reads `lr: 3e-4` as a string) and values a run can use, checked up front."""
@@ -121,36 +124,47 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 # What a resumed run must share with the checkpoint to draw the batches an uninterrupted run would have
 # (the policy config is compared on its own; steps and the logging cadence may change).
-RESUME_KEYS = ("seed", "batch_size", "lr", "p_aug")
+RESUME_KEYS = ("seed", "batch_size", "lr", "p_aug", "precision", "world_size")
 
 
-def check_resumable(metadata: dict[str, str], config: TrainConfig, fingerprint: str, path: Path) -> None:
+def check_resumable(metadata: dict[str, str], config: TrainConfig, fingerprint: str, path: Path,
+                    world_size: int = 1) -> None:
     """Refuse to continue a run on other data or with other settings: the result would be neither run."""
     problems = []
     if metadata.get("dataset_fingerprint") != fingerprint:
         problems.append(f"dataset fingerprint {metadata.get('dataset_fingerprint', '?')[:12]} != "
                         f"{fingerprint[:12]} of {config.dataset}")
     saved = json.loads(metadata.get("train_config", "{}"))
-    problems += [f"{key} {saved.get(key)!r} != {getattr(config, key)!r}" for key in RESUME_KEYS
-                 if saved.get(key) != getattr(config, key)]
+    saved.setdefault("world_size", 1)  # checkpoints from before it was recorded: single-process runs
+    current = {**dataclasses.asdict(config), "world_size": world_size}
+    problems += [f"{key} {saved.get(key)!r} != {current[key]!r}" for key in RESUME_KEYS if saved.get(key) != current[key]]
     if problems:
         raise TrainError(f"cannot resume {path}: it was trained with other data or settings ({'; '.join(problems)}); "
                          "use another --out, or drop --resume to start over")
 
 
 class MetricsLog:
-    """CSV + TensorBoard, written by rank 0 only."""
+    """CSV + TensorBoard, written by rank 0 only.
 
-    def __init__(self, out: Path):
+    A run that starts at step 0 starts both logs afresh; a resumed one first drops what the interrupted
+    run logged after its last checkpoint, which the resumed run logs again.
+    """
+
+    def __init__(self, out: Path, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = out / "metrics.csv"
-        new = not self.path.exists()
-        self.file = open(self.path, "a", newline="")
+        header = ["step", "name", "value", "wall_time"]
+        kept = []
+        if start_step and self.path.exists():
+            with open(self.path, newline="") as file:
+                kept = [row for row in list(csv.reader(file))[1:] if row and int(row[0]) <= start_step]
+        elif not start_step:
+            shutil.rmtree(out / "tensorboard", ignore_errors=True)
+        self.file = open(self.path, "w", newline="")
         self.csv = csv.writer(self.file)
-        if new:
-            self.csv.writerow(["step", "name", "value", "wall_time"])
-        self.tensorboard = SummaryWriter(str(out / "tensorboard"))
+        self.csv.writerows([header, *kept])
+        self.tensorboard = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         now = time.time()
@@ -165,20 +179,24 @@ class MetricsLog:
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
+    """`auto`: this process's GPU, else the CPU. A bare `cuda` also means this process's GPU (torchrun)."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
 
 
 @torch.no_grad()
-def validation_loss(policy: CFGRLPolicy, sampler: GoalBatchSampler, batches: int, seed: int) -> float:
-    """Mean flow loss on fixed validation batches (fixed seeds, no augmentation)."""
+def validation_loss(policy: CFGRLPolicy, sampler: GoalBatchSampler, batches: int, seed: int,
+                    autocast: torch.autocast) -> float:
+    """Mean flow loss on fixed validation batches (fixed seeds, no augmentation), at the training precision."""
     policy.eval()
     losses = []
     for i in range(batches):
         sampler.reseed(step_seed(seed, i, 0))
         batch = sampler.sample(augment=False)
-        losses.append(policy.flow_matching_loss(batch, sampler.generator).item())
+        with autocast:
+            losses.append(policy.flow_matching_loss(batch, sampler.generator).item())
     policy.train()
     return sum(losses) / len(losses)
 
@@ -197,20 +215,28 @@ def train(config: TrainConfig) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if config.batch_size % world:
         raise TrainError(f"batch size {config.batch_size} does not split over {world} processes")
+    out = Path(config.out)
+    checkpoint_path = out / "checkpoint.safetensors"
+    if checkpoint_path.exists() and not config.resume:
+        raise TrainError(f"{checkpoint_path} exists: pass --resume to continue that run, or choose another --out")
+    if config.condition_dropout == 0 and rank == 0:
+        print("cfgrl-train: warning: condition_dropout 0 never trains the null goal: only w=1 will be meaningful",
+              file=sys.stderr)
 
     train_data, val_data = load_dataset_pair(config.dataset, env_name=config.env_name or None)
     batch = config.batch_size // world
     sampler = GoalBatchSampler(train_data, config.goal_mode, batch, device, seed=config.seed, p_aug=config.p_aug)
     val_sampler = GoalBatchSampler(val_data, config.goal_mode, batch, device, seed=config.seed, p_aug=0.0)
-    out = Path(config.out)
-    checkpoint_path = out / "checkpoint.safetensors"
 
     torch.manual_seed(config.seed)
-    policy_config = PolicyConfig(
-        action_dim=train_data.action_dim, goal_mode=config.goal_mode, goal_dim=train_data.goal_dim(config.goal_mode),
-        image_size=train_data.observations.shape[1],
-        goal_encoder=config.goal_encoder, condition_dropout=config.condition_dropout,
-    )
+    try:
+        policy_config = PolicyConfig(
+            action_dim=train_data.action_dim, goal_mode=config.goal_mode, goal_dim=train_data.goal_dim(config.goal_mode),
+            image_size=train_data.observations.shape[1],
+            goal_encoder=config.goal_encoder, condition_dropout=config.condition_dropout,
+        )
+    except ValueError as error:  # e.g. images whose size the encoder cannot take
+        raise TrainError(f"no policy fits {config.dataset}: {error}") from None
     policy = CFGRLPolicy(policy_config).to(device)
     optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr, fused=device.type == "cuda")
     fingerprint = dataset_fingerprint(config.dataset)
@@ -219,7 +245,7 @@ def train(config: TrainConfig) -> Path:
         checkpoint = load_checkpoint(checkpoint_path, device)
         if checkpoint.config != policy_config:
             raise TrainError(f"cannot resume {checkpoint_path}: its config {checkpoint.config} != {policy_config}")
-        check_resumable(checkpoint.metadata, config, fingerprint, checkpoint_path)
+        check_resumable(checkpoint.metadata, config, fingerprint, checkpoint_path, world)
         policy.load_state_dict(checkpoint.policy.state_dict())
         load_optimizer_tensors(optimizer, {k: v.to(device) for k, v in checkpoint.train_state.items()})
         start_step = checkpoint.step
@@ -228,9 +254,13 @@ def train(config: TrainConfig) -> Path:
         model = DistributedDataParallel(policy, device_ids=[local_rank] if device.type == "cuda" else None)
     if config.compile:
         model = torch.compile(model)
-    metadata = {"train_config": json.dumps(dataclasses.asdict(config))}
+    metadata = {"train_config": json.dumps({**dataclasses.asdict(config), "world_size": world})}
 
     def save(step: int) -> None:
+        # Diverged weights never replace the last good checkpoint (the loss is checked only when logged).
+        if not all(torch.isfinite(p).all() for p in policy.parameters()):
+            raise FloatingPointError(f"the weights became NaN or inf by step {step}; the last good checkpoint "
+                                     f"is kept: {checkpoint_path}")
         if rank == 0:
             save_checkpoint(checkpoint_path, policy, dataset_fingerprint=fingerprint, step=step,
                             train_state=optimizer_tensors(optimizer), extra_metadata=metadata)
@@ -238,11 +268,12 @@ def train(config: TrainConfig) -> Path:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-    log = MetricsLog(out) if rank == 0 else None
+    log = MetricsLog(out, start_step) if rank == 0 else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and config.precision == "bf16")
     progress = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
                     disable=rank != 0, desc="train", unit="step", dynamic_ncols=True)
     last_time, last_step = time.perf_counter(), start_step
+    loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
     policy.train()
     for step in progress:
         sampler.reseed(step_seed(config.seed, step, rank))
@@ -252,12 +283,14 @@ def train(config: TrainConfig) -> Path:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        loss_sum += loss.detach().float()
 
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
-            loss_value = loss.item()
+            loss_value = loss_sum.item() / (done - last_step)  # the mean since the last log; NaN if any was
+            loss_sum.zero_()
             if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss became {loss_value} at step {done}; last checkpoint: {checkpoint_path}")
+                raise FloatingPointError(f"loss became {loss_value} by step {done}; last checkpoint: {checkpoint_path}")
             now = time.perf_counter()
             rate = (done - last_step) / (now - last_time)
             last_time, last_step = now, done
@@ -265,7 +298,7 @@ def train(config: TrainConfig) -> Path:
             if log:
                 log.log(done, {"train/loss": loss_value, "train/steps_per_s": rate})
         if done % config.val_every == 0 or done == config.steps:
-            value = validation_loss(policy, val_sampler, config.val_batches, config.seed)
+            value = validation_loss(policy, val_sampler, config.val_batches, config.seed, autocast)
             if log:
                 log.log(done, {"val/loss": value})
                 progress.write(f"step {done}: val loss {value:.4f}")
@@ -316,7 +349,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 def main(argv: list[str] | None = None) -> None:
     try:
         checkpoint = train(parse_config(argv))
-    except (TrainError, DatasetError, CheckpointError, OSError, FloatingPointError) as error:
+    except (TrainError, DatasetError, CheckpointError, OracleGoalError, OSError, FloatingPointError) as error:
         raise SystemExit(f"cfgrl-train: error: {error}") from None
     print(f"checkpoint: {checkpoint}")
 
