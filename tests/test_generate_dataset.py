@@ -5,6 +5,7 @@ shard, shadow map 256 to keep llvmpipe fast) is shared by the tests; everything 
 """
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -93,6 +94,8 @@ def test_killed_parallel_run_resumes_to_identical_bytes(reference, tmp_path):
     assert done and not record_path.exists(), f'not interrupted mid-run: {done}\n{log_path.read_text()}'
 
     gen.generate(TINY, tmp_path, workers=1)
+    record = json.loads(record_path.read_text())
+    assert record['transitions_produced'] == (3 - len(done)) * TINY.episode_length  # only what was missing
     ref_train, ref_val, _, _ = paths(TINY, reference)
     assert train_path.read_bytes() == ref_train.read_bytes()
     assert val_path.read_bytes() == ref_val.read_bytes()
@@ -145,6 +148,77 @@ def test_resume_refuses_a_shard_dir_made_with_other_settings(reference, tmp_path
     other_seed = dataclasses.replace(TINY, seed=1)
     with pytest.raises(gen.GenerationError, match='other settings.*seed'):
         gen.generate(other_seed, tmp_path, workers=1)
+
+
+def test_resume_refuses_shards_it_cannot_trust(reference, tmp_path):
+    shard_dir = paths(TINY, tmp_path)[2]
+    shutil.copytree(paths(TINY, reference)[2], shard_dir)
+    (shard_dir / 'manifest.json').write_text('{"settings": {"env": "cube-')  # cut short by a kill
+    with pytest.raises(gen.GenerationError, match='manifest.json is unreadable'):
+        gen.generate(TINY, tmp_path, workers=1)
+    (shard_dir / 'manifest.json').unlink()  # shards of unknown settings
+    with pytest.raises(gen.GenerationError, match='holds shards but no manifest.json'):
+        gen.generate(TINY, tmp_path, workers=1)
+    manifest = gen.shard_manifest(TINY)
+    manifest['versions']['mujoco'] = '0.0.1'  # another simulator draws other frames
+    (shard_dir / 'manifest.json').write_text(json.dumps(manifest))
+    with pytest.raises(gen.GenerationError, match="other settings or versions.*'versions.mujoco': \\('0.0.1'"):
+        gen.generate(TINY, tmp_path, workers=1)
+
+
+def test_a_shard_does_not_depend_on_the_shards_before_it(tmp_path, monkeypatch):
+    """Scene's noisy oracles read target state the env keeps across resets: shard 1 made after shard 0
+    (one worker, both in turn) must equal shard 1 made alone. Physics only: rendering is blanked."""
+    cfg = gen.GenerationConfig(env='scene', variant='noisy', num_episodes=2, num_val_episodes=0, episode_length=150,
+                               render_mode='replay', shard_episodes=1, shadow_size=256)
+    monkeypatch.setattr(gen.ShardCollector, '_render',
+                        lambda self, frames, report: np.zeros((len(frames), 64, 64, 3), np.uint8))
+    first, second = gen.plan_shards(cfg)[:2]
+    after, alone = tmp_path / 'after', tmp_path / 'alone'
+    after.mkdir(), alone.mkdir()
+    gen._produce_shard(cfg, first, after, lambda n: None)
+    gen._produce_shard(cfg, second, after, lambda n: None)
+    gen._produce_shard(cfg, second, alone, lambda n: None)
+    with np.load(after / second.filename) as a, np.load(alone / second.filename) as b:
+        for key in ('actions', 'qpos', 'button_states', 'oracle_reps'):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_a_worker_that_dies_stops_the_run_with_a_named_error(tmp_path):
+    """SIGKILL one spawned worker of a 2-worker CLI run: the run must end (not hang) and say why."""
+    cmd = [sys.executable, '-m', 'training.generate_dataset', '--env', 'cube-single', '--num-episodes', '4',
+           '--num-val-episodes', '1', '--episode-length', '40', '--shadow-size', '256', '--shard-episodes', '1',
+           '--workers', '2', '--out-dir', str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, victim = time.time() + 120, None
+        while victim is None and proc.poll() is None and time.time() < deadline:
+            victim = next(iter(_spawned_workers(proc.pid)), None)
+            time.sleep(0.2)
+        assert victim is not None, 'no worker process appeared'
+        time.sleep(2)  # inside its first shard
+        os.kill(victim, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0, output
+    assert 'a worker process died' in output and 'exit code -9' in output, output[-2000:]
+
+
+def _spawned_workers(parent_pid: int) -> list[int]:
+    """Pids of the parent's multiprocessing-spawn children (not its resource tracker)."""
+    pids = []
+    for status in Path('/proc').glob('[0-9]*/status'):
+        try:
+            fields = dict(line.split(':\t', 1) for line in status.read_text().splitlines() if ':\t' in line)
+            cmdline = (status.parent / 'cmdline').read_bytes().decode(errors='replace')
+        except OSError:
+            continue
+        if fields.get('PPid', '').strip() == str(parent_pid) and 'spawn_main' in cmdline:
+            pids.append(int(status.parent.name))
+    return pids
 
 
 def test_replay_rendering_reproduces_env_frames(reference):
@@ -217,9 +291,10 @@ def test_config_and_shard_plan():
     ]
     # A shard's seeds depend only on (seed, shard index).
     assert gen.shard_seeds(0, 2)[:2] == gen.shard_seeds(0, 2)[:2] != gen.shard_seeds(0, 3)[:2]
-    assert gen.parse_args(['--env', 'scene']).num_val_episodes == 100  # OGBench: num_episodes // 10
-    assert gen.parse_args(['--env', 'scene', '--num-episodes', '5']).num_val_episodes == 1  # never an empty split
-    assert gen.parse_args(['--env', 'scene', '--num-val-episodes', '0']).num_val_episodes == 0  # on request
+    assert gen.GenerationConfig('scene', 'play').num_val_episodes == 100  # OGBench: num_episodes // 10
+    assert gen.GenerationConfig('scene', 'play', num_episodes=5).num_val_episodes == 1  # never an empty split
+    assert gen.GenerationConfig('scene', 'play', num_val_episodes=0).num_val_episodes == 0  # on request
+    assert gen.parse_args(['--env', 'scene']).num_val_episodes is None  # the config's default
     assert list(gen.dataset_schema(cfg)) == [
         'observations', 'actions', 'terminals', 'qpos', 'qvel', 'button_states', 'oracle_reps'
     ]

@@ -646,6 +646,11 @@ def test_a_step_outliving_deactivation_never_publishes_after_the_stop(ros_domain
     from cfgrl_ros.nodes.probe import PolicyProbe
 
     monkeypatch.setattr(policy_node, "WORKER_STOP_TIMEOUT_S", 0.2)
+    import torch
+
+    # configure sets torch's thread count (cpu_threads) for the whole process: put it back afterwards,
+    # or later tests in this process (bit-exact resume checks) would run with another reduction order.
+    threads = torch.get_num_threads()
     checkpoint = small_checkpoint(tmp_path / "image.safetensors", "image")
     overrides = {"policy": str(checkpoint), "backend": "torch", "control_rate_hz": CONTROL_RATE_HZ,
                  "max_image_age_s": 60.0, "autostart": False}
@@ -693,6 +698,7 @@ def test_a_step_outliving_deactivation_never_publishes_after_the_stop(ros_domain
         probe.destroy()
         executor.shutdown()
         node.destroy_node()
+        torch.set_num_threads(threads)
 
 
 @requires_rclpy

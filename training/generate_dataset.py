@@ -23,7 +23,9 @@ import json
 import os
 import queue
 import sys
+import shutil
 import time
+import traceback
 import warnings
 import zipfile
 from pathlib import Path
@@ -89,7 +91,7 @@ class GenerationConfig:
     env: str
     variant: str
     num_episodes: int = 1000
-    num_val_episodes: int = 100
+    num_val_episodes: int | None = None  # None: num_episodes // 10, at least 1 (OGBench: 10%)
     episode_length: int = DEFAULT_EPISODE_LENGTH
     seed: int = 0
     shadow_size: int = 4096
@@ -98,6 +100,8 @@ class GenerationConfig:
     shard_episodes: int = 10
 
     def __post_init__(self):
+        if self.num_val_episodes is None:
+            object.__setattr__(self, 'num_val_episodes', max(1, self.num_episodes // 10))
         if self.env not in ENVS:
             raise GenerationError(f'unknown env {self.env!r}; choose from {sorted(ENVS)}')
         if self.variant not in VARIANTS:
@@ -376,7 +380,8 @@ class ShardCollector:
         length = self.cfg.episode_length
         num_rows = len(arrays['actions'])
         arrays['terminals'] = (np.arange(num_rows) % length) == length - 1
-        arrays['oracle_reps'] = oracle_goals(self.cfg.env, arrays['qpos'], arrays.get('button_states'))
+        # From the stored float32 qpos, as ogbench.relabel_utils.add_oracle_reps computes them: bit-identical.
+        arrays['oracle_reps'] = oracle_goals(self.cfg.env, arrays['qpos'].astype(np.float32), arrays.get('button_states'))
         schema = dataset_schema(self.cfg)
         return {key: arrays[key].astype(dtype, copy=False) for key, (_, dtype) in schema.items()}
 
@@ -385,29 +390,54 @@ class ShardCollector:
 # Parallel production of the shards.
 
 
-_WORKER: dict = {}
-
-
-def _init_worker(progress_queue) -> None:
-    _WORKER['queue'] = progress_queue
-
-
 def _produce_shard(cfg: GenerationConfig, shard: Shard, shard_dir: Path, report: Callable[[int], None]) -> int:
-    collector = _WORKER.get('collector')
-    if collector is None or collector.cfg != cfg:
-        collector = _WORKER['collector'] = ShardCollector(cfg)
-    arrays, retries = collector.collect(shard, report)
+    """Write one shard; returns its rejected scene episodes.
+
+    A fresh env per shard: OGBench's envs keep target state across resets (scene's target button and
+    block, read by the noisy oracles), so a reused env would make a shard depend on the shards before it.
+    """
+    collector = ShardCollector(cfg)
+    try:
+        arrays, retries = collector.collect(shard, report)
+    finally:
+        collector.close()
     write_shard(shard_dir / shard.filename, arrays)
     return retries
 
 
-def _produce_shard_in_worker(cfg: GenerationConfig, shard: Shard, shard_dir: Path) -> int:
-    progress_queue = _WORKER['queue']
-    return _produce_shard(cfg, shard, shard_dir, progress_queue.put)
+PROGRESS_PERIOD_S = 0.2  # a worker batches its progress reports: one message per period, not per transition
+
+
+def _worker_main(cfg: GenerationConfig, shard_dir: Path, tasks, events) -> None:
+    """A worker process: shards from `tasks` until the None sentinel; progress and results to `events`."""
+    pending, last = 0, time.monotonic()
+
+    def report(count: int) -> None:
+        nonlocal pending, last
+        pending += count
+        if time.monotonic() - last >= PROGRESS_PERIOD_S:
+            events.put(('progress', pending))
+            pending, last = 0, time.monotonic()
+
+    for shard in iter(tasks.get, None):
+        try:
+            retries = _produce_shard(cfg, shard, shard_dir, report)
+        except BaseException as error:  # noqa: BLE001 - sent to the parent, which stops the run
+            detail = '' if isinstance(error, GENERATION_ERRORS) else '\n' + traceback.format_exc()
+            events.put(('error', shard.filename, f'{type(error).__name__}: {error}{detail}'))
+            return
+        events.put(('progress', pending))
+        pending = 0
+        events.put(('done', shard.filename, retries))
 
 
 def produce_shards(cfg: GenerationConfig, shards: list[Shard], shard_dir: Path, workers: int) -> int:
-    """Produce the given shards with a tqdm bar; returns the number of rejected scene episodes."""
+    """Produce the given shards with a tqdm bar; returns the number of rejected scene episodes.
+
+    Several workers: spawned processes (one GL context each, no forked state) take shards from a queue.
+    A worker that fails, or dies (a driver crash, the OOM killer), stops the run with a named error;
+    the shards finished so far are kept for the resumed run.
+    """
     total = sum(s.num_episodes for s in shards) * cfg.episode_length
     bar = tqdm(total=total, unit='transition', unit_scale=True, desc=f'{cfg.dataset_name} ({cfg.render_mode})')
     with bar:
@@ -415,20 +445,45 @@ def produce_shards(cfg: GenerationConfig, shards: list[Shard], shard_dir: Path, 
             return sum(_produce_shard(cfg, shard, shard_dir, bar.update) for shard in shards)
         import multiprocessing
 
-        context = multiprocessing.get_context('spawn')  # fresh processes: one GL context each, no forked state
-        progress_queue = context.Queue()
-        with context.Pool(min(workers, len(shards)), initializer=_init_worker, initargs=(progress_queue,)) as pool:
-            results = [pool.apply_async(_produce_shard_in_worker, (cfg, shard, shard_dir)) for shard in shards]
-            while not all(result.ready() for result in results):
-                for result in results:
-                    if result.ready() and not result.successful():
-                        result.get()  # re-raises the worker's exception; the pool is terminated on exit
-                with contextlib.suppress(queue.Empty):
-                    bar.update(progress_queue.get(timeout=0.2))
-            retries = sum(result.get() for result in results)
-            while not progress_queue.empty():
-                bar.update(progress_queue.get())
-        return retries
+        context = multiprocessing.get_context('spawn')
+        tasks, events = context.Queue(), context.Queue()
+        processes = [context.Process(target=_worker_main, args=(cfg, shard_dir, tasks, events), daemon=True)
+                     for _ in range(min(workers, len(shards)))]
+        for shard in shards:
+            tasks.put(shard)
+        for process in processes:
+            tasks.put(None)
+            process.start()
+        finished: dict[str, int] = {}
+        try:
+            while len(finished) < len(shards):
+                try:
+                    kind, *payload = events.get(timeout=1.0)
+                except queue.Empty:
+                    _check_workers(processes)
+                    continue
+                if kind == 'progress':
+                    bar.update(payload[0])
+                elif kind == 'done':
+                    finished[payload[0]] = payload[1]
+                else:
+                    raise GenerationError(f'{payload[0]} failed in a worker: {payload[1]}')
+        finally:
+            for process in processes:
+                if process.is_alive() and len(finished) < len(shards):
+                    process.terminate()
+                process.join(timeout=30)
+        return sum(finished.values())
+
+
+def _check_workers(processes: list) -> None:
+    """Raise when a worker ended without reporting (killed by a signal, or crashed in native code)."""
+    dead = [p for p in processes if p.exitcode not in (None, 0)]
+    if dead:
+        codes = ', '.join(f'pid {p.pid}: exit code {p.exitcode}' for p in dead)
+        raise GenerationError(f'a worker process died ({codes}); the finished shards are kept: run again to resume')
+    if all(p.exitcode == 0 for p in processes):
+        raise GenerationError('every worker exited with shards still unreported')
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -482,22 +537,50 @@ def output_paths(cfg: GenerationConfig, out_dir: Path) -> tuple[Path, Path, Path
     return out_dir / f'{name}.npz', out_dir / f'{name}-val.npz', out_dir / f'{name}.shards', out_dir / f'{name}.json'
 
 
+def shard_manifest(cfg: GenerationConfig) -> dict:
+    """What a shard's bytes depend on: the settings and the simulator's versions."""
+    import importlib.metadata
+
+    import mujoco
+
+    return {'settings': dataclasses.asdict(cfg),
+            'versions': {'ogbench': importlib.metadata.version('ogbench'), 'mujoco': mujoco.__version__,
+                         'numpy': np.__version__}}
+
+
 def prepare_shard_dir(cfg: GenerationConfig, shard_dir: Path) -> None:
-    """Create the shard directory, or check that an existing one was made with the same settings."""
-    manifest = shard_dir / 'manifest.json'
-    settings = dataclasses.asdict(cfg)
-    if manifest.exists():
-        previous = json.loads(manifest.read_text())
-        if previous != settings:
-            diff = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
+    """Create the shard directory, or check that an existing one was made with the same settings and versions."""
+    manifest_path = shard_dir / 'manifest.json'
+    manifest = shard_manifest(cfg)
+    if manifest_path.exists():
+        try:
+            previous = json.loads(manifest_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise GenerationError(f'{manifest_path} is unreadable ({err}); delete {shard_dir} to start over') from None
+        flat_old, flat_new = _flatten(previous), _flatten(manifest)
+        if flat_old != flat_new:
+            diff = {k: (flat_old.get(k), v) for k, v in flat_new.items() if flat_old.get(k) != v}
             raise GenerationError(
-                f'{shard_dir} holds shards made with other settings {diff} (old, new); '
+                f'{shard_dir} holds shards made with other settings or versions {diff} (old, new); '
                 'rerun with the old settings to resume, or delete the directory'
             )
+    elif shard_dir.exists() and any(shard_dir.glob('shard-*.npz')):
+        raise GenerationError(f'{shard_dir} holds shards but no manifest.json saying how they were made; '
+                              'delete the directory to start over')
     shard_dir.mkdir(parents=True, exist_ok=True)
     for stale in shard_dir.glob('*.tmp-*'):  # left by a killed worker
         stale.unlink()
-    manifest.write_text(json.dumps(settings, indent=1))
+    for stale in shard_dir.parent.glob(f'{cfg.dataset_name}*.npz.tmp-*'):  # left by a killed merge
+        stale.unlink()
+    if not manifest_path.exists():
+        tmp = manifest_path.with_name(f'manifest.json.tmp-{os.getpid()}')
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, manifest_path)
+
+
+def _flatten(manifest: dict) -> dict:
+    return {f'{section}.{key}': value for section, values in manifest.items() if isinstance(values, dict)
+            for key, value in values.items()}
 
 
 def pending_shards(cfg: GenerationConfig, shards: list[Shard], shard_dir: Path) -> list[Shard]:
@@ -545,6 +628,8 @@ def _produce_and_merge(cfg: GenerationConfig, out_dir: Path, workers: int, keep_
 
     start = time.time()
     shards = plan_shards(cfg)
+    for trash in out_dir.glob(f'{shard_dir.name}.delete-*'):  # a finished run killed while cleaning up
+        shutil.rmtree(trash, ignore_errors=True)
     prepare_shard_dir(cfg, shard_dir)
     todo = pending_shards(cfg, shards, shard_dir)
     if len(todo) < len(shards):
@@ -571,10 +656,10 @@ def _produce_and_merge(cfg: GenerationConfig, out_dir: Path, workers: int, keep_
         seconds_total=round(time.time() - start, 1),
     )
     record_path.write_text(json.dumps(record, indent=1))
-    if not keep_shards:
-        for path in shard_dir.iterdir():
-            path.unlink()
-        shard_dir.rmdir()
+    if not keep_shards:  # renamed first: a kill while deleting never leaves a half-emptied shard directory
+        trash = shard_dir.with_name(f'{shard_dir.name}.delete-{os.getpid()}')
+        shard_dir.rename(trash)
+        shutil.rmtree(trash)
     print(f'wrote {train_path} and {val_path.name}: {record}')
 
 
@@ -602,10 +687,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--preview', type=Path, default=None, help='write a PNG grid of frames and goals here')
     parser.add_argument('--keep-shards', action='store_true', help='keep the shard directory after merging')
     parser.add_argument('--overwrite', action='store_true', help='replace finished files made with other settings')
-    args = parser.parse_args(argv)
-    if args.num_val_episodes is None:
-        args.num_val_episodes = max(1, args.num_episodes // 10)
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
