@@ -82,6 +82,9 @@ class SimEnv(Protocol):
     def state_digest(self) -> str:
         """A hash of the full simulator state: equal digests mean an untouched episode."""
 
+    def close(self) -> None:
+        """Release the simulator (renderers, GL contexts)."""
+
 
 class OGBenchSim:
     """An OGBench visual manipulation env (visual-cube-*, visual-scene, visual-puzzle-*)."""
@@ -109,7 +112,7 @@ class OGBenchSim:
         image, info = self.env.reset(seed=seed, options=dict(task_id=task_id, render_goal=True))
         if self._shadow_size:
             # The renderer exists only after the first reset; rebuild it with the smaller shadow map
-            # (~1.5x faster on llvmpipe, mean pixel change 0.05/255) and redo this reset with it.
+            # (faster on llvmpipe; what it changes in the images: docs/benchmarks.md) and redo this reset.
             self._apply_shadow_size(self._shadow_size)
             self._shadow_size = 0
             seed_goal_setup(self.env, seed)
@@ -124,6 +127,10 @@ class OGBenchSim:
         data = self.env.unwrapped._data
         # ctrl is left out: every step overwrites it from the action (and reset leaves it unseeded).
         return _digest(data.qpos, data.qvel, data.act, data.mocap_pos, data.mocap_quat)
+
+    def close(self) -> None:
+        """The env and its renderer's GL context."""
+        self.env.close()
 
     def _apply_shadow_size(self, size: int) -> None:
         unwrapped = self.env.unwrapped
@@ -163,6 +170,9 @@ class PointReachSim:
 
     def state_digest(self) -> str:
         return _digest(self.batch.positions, self.batch.goals, self.batch.steps)
+
+    def close(self) -> None:
+        """Nothing to release: numpy arrays only."""
 
 
 def make_sim(env_name: str, max_episode_steps: int | None = None, shadow_size: int = 0,

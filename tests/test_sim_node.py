@@ -168,6 +168,36 @@ def test_bad_actions_are_refused_and_do_not_corrupt_the_episode(ros_session, ros
     assert log.count("refused action") == 3 and "3 values, the env takes 2" in log and "NaN or inf" in log
 
 
+def test_a_reset_mid_episode_aborts_it_and_an_old_answer_never_steps_the_new_one(ros_session, ros_env, tmp_path):
+    from std_srvs.srv import Trigger
+
+    from cfgrl_ros.nodes.processes import SIM_MODULE
+
+    sim = start(ros_session, SIM_MODULE, {"env_name": "pointreach", "max_episode_steps": 5}, tmp_path, "sim", ros_env)
+    policy = FakePolicy()
+    policy.wait(lambda: policy.frames and policy.publisher.get_subscription_count() > 0, "the first frame",
+                STARTUP_S, [sim])
+    policy.send([1.0, 0.0], policy.frames[-1].header.stamp)
+    policy.wait(lambda: len(policy.distinct_frames()) == 2, "the second frame", processes=[sim])
+    on_display = policy.distinct_frames()[-1]
+
+    client = policy.node.create_client(Trigger, "reset")
+    policy.wait(client.service_is_ready, "the reset service", processes=[sim])
+    future = client.call_async(Trigger.Request())
+    policy.wait(future.done, "the reset", processes=[sim])
+    assert future.result().success, future.result().message
+    policy.wait(lambda: policy.results and len(policy.distinct_frames()) == 3, "the aborted result and a new frame",
+                processes=[sim])
+    assert policy.results[0]["aborted"] and policy.results[0]["steps"] == 1 and policy.results[0]["episode"] == 1
+    new_first = policy.distinct_frames()[-1]
+    assert new_first.header.stamp != on_display.header.stamp
+
+    policy.send([0.0, 1.0], on_display.header.stamp)  # the policy's answer to the old episode's frame, late
+    policy.wait(lambda: policy.statuses and policy.statuses[-1]["stale_actions"] == 1, "the stale count",
+                processes=[sim])
+    assert policy.statuses[-1]["episode"] == 2 and policy.statuses[-1]["steps"] == 0  # the new episode untouched
+
+
 def test_lockstep_episode_through_the_real_policy_node(ros_session, ros_env, tmp_path):
     """A short visual-cube episode, one step per action of the real node, with /clock for sim time."""
     from rclpy.parameter import Parameter
@@ -281,6 +311,10 @@ def test_bad_parameters_are_refused_with_a_reason(ros_session, ros_env, tmp_path
                     ros_env)
     assert refused.process.wait(STARTUP_S) == 2
     assert "control_rate_hz must be finite and within [0.1, 1000], got 0" in refused.log()
+    on_sim_time = start(ros_session, SIM_MODULE, {"env_name": "pointreach", "use_sim_time": True}, tmp_path,
+                        "sim_time", ros_env)
+    assert on_sim_time.process.wait(STARTUP_S) == 2
+    assert "cannot run on use_sim_time" in on_sim_time.log()
 
     # An integer rate is a rate (no type error), and live changes are validated.
     sim = start(ros_session, SIM_MODULE, {"env_name": "pointreach", "control_rate_hz": 10, "autostart": False},
@@ -294,6 +328,7 @@ def test_bad_parameters_are_refused_with_a_reason(ros_session, ros_env, tmp_path
 
     for name, value, reason in (("resend_timeout_s", float("nan"), "resend_timeout_s must be finite"),
                                 ("task_id", 9, "task_id"), ("auto_reset", "yes", "must be true or false"),
+                                ("seed", -1, "seed must be"),
                                 ("control_rate_hz", 20.0, "read-only")):
         result = set_parameter(name, value)
         assert not result.successful and reason in result.reason, (name, result.reason)

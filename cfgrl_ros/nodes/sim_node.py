@@ -3,7 +3,10 @@
 
 Publishes camera/image (rgb8), the task's goal latched on goal/image and goal/vector, results on
 episode/result and its state on sim/status (std_msgs/String, JSON); consumes `action` (PolicyAction).
-Service `reset` (std_srvs/Trigger) starts an episode with the parameters task_id and seed.
+Service `reset` (std_srvs/Trigger) starts an episode with the parameters task_id and seed; a reset
+mid-episode first publishes that episode's result with "aborted": true, and the new episode's first
+frame gets a new stamp, so an answer to the old episode's frame can never step the new one.
+The sim owns /clock: it refuses use_sim_time itself (its timers would wait on their own clock).
 
 Clocks (parameter `clock`):
 - lockstep: one env step per action. An action counts only if its image_stamp is the stamp of the
@@ -35,7 +38,7 @@ from std_msgs.msg import Float32MultiArray, String
 from std_srvs.srv import Trigger
 
 from cfgrl_ros.msg import PolicyAction
-from cfgrl_ros.node_params import ParamSpec, any_int, any_string, boolean, finite_in, int_in, one_of, validate_changes
+from cfgrl_ros.node_params import ParamSpec, any_string, boolean, finite_in, int_in, one_of, validate_changes
 from cfgrl_ros.nodes import bridge
 from cfgrl_ros.sim import ActionLatch, BadActionError, Episode, SimConfigError, check_task_id, make_sim
 
@@ -46,7 +49,7 @@ SIM_TIME_START_NS = 1_000_000_000  # sim time 0 means "no clock yet" to use_sim_
 PARAMETERS = (
     ParamSpec("env_name", "visual-cube-single-v0", "OGBench visual task id, or pointreach.", any_string, "start"),
     ParamSpec("task_id", 1, "Task for the next reset (1 to the env's task count).", int_in(1, 10_000), "live"),
-    ParamSpec("seed", 0, "Env seed for the next reset.", any_int, "live"),
+    ParamSpec("seed", 0, "Env seed for the next reset (0 to 2**32 - 1, numpy's seed range).", int_in(0, 2**32 - 1), "live"),
     ParamSpec("max_episode_steps", 0, "Steps per episode; 0: the env's own limit.", int_in(0, 10**7), "start"),
     ParamSpec("clock", "lockstep", "lockstep: one env step per action; realtime: a timer steps the env.",
               one_of(CLOCKS), "start"),
@@ -66,6 +69,9 @@ class SimNode(Node):
     def __init__(self, **kwargs):
         super().__init__("cfgrl_sim", **kwargs)
         self._declare_parameters()
+        if self.get_parameter("use_sim_time").value:
+            # Its timers would wait on the /clock it publishes, which only moves when they fire.
+            raise SimConfigError("cfgrl_sim owns /clock and cannot run on use_sim_time; set it on the other nodes")
         self.clock_mode = self.param("clock")
         steps = self.param("max_episode_steps")
         self.sim = make_sim(self.param("env_name"), steps or None,
@@ -134,7 +140,14 @@ class SimNode(Node):
     def start_episode(self) -> dict:
         task_id = self.param("task_id")
         seed = self.param("seed")
+        if self.episode is not None and not self.episode.done:  # a reset mid-episode
+            result = {**self.episode.result(), **self._counters(), "episode": self.episode_index, "aborted": True}
+            self.result_pub.publish(bridge.json_message(result))
+            self.get_logger().info(f"episode {self.episode_index} aborted by a reset after {result['steps']} steps")
         self.episode = Episode(self.sim, task_id, seed)
+        # A new stamp for the new first frame: an action still in flight for the frame on display
+        # (the old episode's) must not pass as the answer to the new one.
+        self.sim_time_ns += self.period_ns
         self.episode_index += 1
         self._reset_counters()
         start = self.episode.start
@@ -156,14 +169,14 @@ class SimNode(Node):
         try:
             response.message = json.dumps(self.start_episode())
             response.success = True
-        except (SimConfigError, ValueError) as error:
-            response.success, response.message = False, str(error)
-            self.get_logger().error(f"reset failed: {error}")
+        except Exception as error:  # noqa: BLE001 - a failed reset is reported; the node stays up
+            response.success, response.message = False, f"{type(error).__name__}: {error}"
+            self.get_logger().error(f"reset failed: {response.message}")
         return response
 
     def _finish_episode(self) -> None:
         result = {**self.episode.result(), **self._counters(), "episode": self.episode_index}
-        self.result_pub.publish(bridge.json_message(result))
+        self.result_pub.publish(bridge.json_message({**result, "aborted": False}))
         self.get_logger().info(f"episode {self.episode_index} ended: success={result['success']} "
                                f"after {result['steps']} steps")
         if self.param("auto_reset"):
@@ -240,12 +253,19 @@ class SimNode(Node):
         self.status_pub.publish(bridge.json_message(status))
 
     def _resend_if_stalled(self) -> None:
+        self._publish_clock()  # also for nodes that joined late: /clock otherwise moves only with steps
         if self.episode is None or self.episode.done:
             return
         if time.monotonic() - self.last_frame_wall > self.param("resend_timeout_s"):
             self.resends += 1
             self.camera_pub.publish(bridge.rgb_image(self.episode.image, self.frame_stamp, self.frame_id))
             self.last_frame_wall = time.monotonic()
+
+    def destroy_node(self) -> None:
+        if self.sim is not None:
+            self.sim.close()
+            self.sim = None
+        super().destroy_node()
 
 
 def main(args=None) -> int:
