@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -101,21 +101,43 @@ def same_topic(name: str) -> str:
     return name.lstrip("/")
 
 
-def read_bag(path: str | os.PathLike, topics: Iterable[str] | None = None) -> Iterator[BagMessage]:
-    """Messages of the given topics (all when None) in record-time order."""
+def read_bag(path: str | os.PathLike, types: Mapping[str, str] | None = None) -> Iterator[BagMessage]:
+    """Messages in record-time order: of every topic, or of those in `types` (topic -> message type),
+    where a topic recorded with another type is refused before anything is decoded.
+
+    Every failure is a BagError: a truncated or damaged file, a type this store cannot decode, or a bag
+    that yields fewer messages than its metadata lists (the mcap writer leaves chunk CRCs at 0, so a
+    damaged chunk can otherwise go unnoticed).
+    """
     path = Path(path)
     if not (path / "metadata.yaml").is_file():
         raise BagError(f"{path} is not a rosbag2 bag directory (no metadata.yaml)")
     store = typestore()
+    wanted = None if types is None else {same_topic(topic): msgtype for topic, msgtype in types.items()}
     try:
         with Reader(path) as reader:
-            wanted = None if topics is None else {same_topic(topic) for topic in topics}
             connections = [c for c in reader.connections if wanted is None or same_topic(c.topic) in wanted]
+            for connection in connections:
+                expected = None if wanted is None else wanted[same_topic(connection.topic)]
+                if expected is not None and connection.msgtype != expected:
+                    raise BagError(f"{path}: {connection.topic} holds {connection.msgtype}, expected {expected}")
+            listed = sum(c.msgcount for c in connections)
+            read = 0
             for connection, timestamp, data in reader.messages(connections=connections):
-                yield BagMessage(connection.topic, connection.msgtype, timestamp,
-                                 store.deserialize_cdr(data, connection.msgtype))
-    except ReaderError as error:  # truncated .mcap, bad metadata.yaml, missing storage file
-        raise BagError(f"{path}: cannot read the bag ({error})") from error
+                try:
+                    message = store.deserialize_cdr(data, connection.msgtype)
+                except Exception as error:  # noqa: BLE001 - rosbags raises KeyError, struct.error, ...
+                    raise BagError(f"{path}: message {read} on {connection.topic} ({connection.msgtype}) cannot "
+                                   f"be decoded ({type(error).__name__}: {error})") from error
+                read += 1
+                yield BagMessage(connection.topic, connection.msgtype, timestamp, message)
+            if read != listed:
+                raise BagError(f"{path}: read {read} messages of the {listed} its metadata lists: the bag is damaged")
+    except BagError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a damaged file fails anywhere in the parser (ReaderError,
+        # OSError, UnicodeDecodeError, OverflowError, ... were all seen with a few flipped bytes)
+        raise BagError(f"{path}: cannot read the bag ({type(error).__name__}: {error})") from error
 
 
 def bag_topics(path: str | os.PathLike) -> dict[str, tuple[str, int]]:

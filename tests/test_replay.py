@@ -4,6 +4,7 @@ written, replayed through the real policy node (recording a new bag), and replay
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -23,18 +24,21 @@ def frames_and_goal(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def write_bag(path, images, goal_vector, actions=None, frame_period_ns=50_000_000):
     """A bag as the recorder writes it: goal first, then frames, each action after its frame."""
-    types = bags.typestore().types
     with bags.BagWriter(path) as writer:
         writer.write("/goal/vector", bags.VECTOR_TYPE, 1, bags.vector_message(goal_vector))
         for i, image in enumerate(images):
             stamp = 10**9 + i * frame_period_ns
             writer.write("/camera/image", bags.IMAGE_TYPE, stamp, bags.image_message(image, stamp))
             if actions is not None:
-                header = types["std_msgs/msg/Header"](stamp=bags.make_stamp(stamp + 1000), frame_id="base_link")
-                action = types[bags.POLICY_ACTION_TYPE](header=header, image_stamp=bags.make_stamp(stamp),
-                                                        action=np.asarray(actions[i], np.float32), w=3.0,
-                                                        flow_steps=16, inference_time_ms=2.0)
-                writer.write("/action", bags.POLICY_ACTION_TYPE, stamp + 2000, action)
+                writer.write("/action", bags.POLICY_ACTION_TYPE, stamp + 2000, policy_action(stamp, actions[i], 2.0))
+
+
+def policy_action(image_stamp_ns: int, action, inference_time_ms: float):
+    types = bags.typestore().types
+    header = types["std_msgs/msg/Header"](stamp=bags.make_stamp(image_stamp_ns + 1000), frame_id="base_link")
+    return types[bags.POLICY_ACTION_TYPE](header=header, image_stamp=bags.make_stamp(image_stamp_ns),
+                                          action=np.asarray(action, np.float32), w=3.0, flow_steps=16,
+                                          inference_time_ms=inference_time_ms)
 
 
 # -------------------------------------------------------------------------------- without ROS
@@ -74,7 +78,7 @@ def test_bags_the_replay_cannot_trust_are_refused(tmp_path):
     with bags.BagWriter(tmp_path / "wrong-type") as writer:
         writer.write("/goal/vector", bags.IMAGE_TYPE, 1, bags.image_message(images[0], 1))
         writer.write("/camera/image", bags.IMAGE_TYPE, 2, bags.image_message(images[0], 2))
-    with pytest.raises(ReplayError, match="/goal/vector holds sensor_msgs/msg/Image, expected std_msgs/msg/Float32"):
+    with pytest.raises(bags.BagError, match="/goal/vector holds sensor_msgs/msg/Image, expected std_msgs/msg/Float32"):
         bag_frames(tmp_path / "wrong-type")
     with pytest.raises(ReplayError, match="max_frames must be >= 1"):
         bag_frames(tmp_path / "wrong-type", max_frames=-1)
@@ -82,6 +86,41 @@ def test_bags_the_replay_cannot_trust_are_refused(tmp_path):
     mcap.write_bytes(mcap.read_bytes()[:100])  # truncated
     with pytest.raises(bags.BagError, match="cannot read the bag"):
         bag_frames(tmp_path / "wrong-type")
+
+
+def test_a_damaged_bag_is_a_bag_error_wherever_the_damage_is(tmp_path):
+    """Eight flipped bytes at 60 places: each read ends in a BagError or reads every frame (the damage hit
+    pixels: rosbags' mcap chunks carry no CRC), never another exception and never fewer frames."""
+    images, goal = frames_and_goal(5)
+    with bags.BagWriter(tmp_path / "bag") as writer:
+        writer.write("/goal/vector", bags.VECTOR_TYPE, 1, bags.vector_message(goal))
+        for i, image in enumerate(images):
+            writer.write("/camera/image", bags.IMAGE_TYPE, 10 + i, bags.image_message(image, 10 + i))
+    data = next((tmp_path / "bag").glob("*.mcap")).read_bytes()
+    outcomes = set()
+    for offset in range(0, len(data), max(1, len(data) // 60)):
+        damaged = bytearray(data)
+        for k in range(offset, min(offset + 8, len(data))):
+            damaged[k] ^= 0xFF
+        copy = tmp_path / f"damaged-{offset}"
+        shutil.copytree(tmp_path / "bag", copy)
+        next(copy.glob("*.mcap")).write_bytes(bytes(damaged))
+        try:
+            outcomes.add(len(bag_frames(copy)))
+        except bags.BagError:
+            outcomes.add("BagError")
+    assert outcomes <= {"BagError", 5} and "BagError" in outcomes
+
+
+def test_recorded_stale_stops_are_not_the_reference_action(tmp_path):
+    images, goal = frames_and_goal(1)
+    with bags.BagWriter(tmp_path / "bag") as writer:
+        writer.write("/goal/vector", bags.VECTOR_TYPE, 1, bags.vector_message(goal))
+        writer.write("/camera/image", bags.IMAGE_TYPE, 10, bags.image_message(images[0], 10))
+        for t, (action, ms) in enumerate((([0.0, 0.0], 0.0), ([0.5, -0.5], 3.0))):  # a stop, then the answer
+            writer.write("/action", bags.POLICY_ACTION_TYPE, 11 + t, policy_action(10, action, ms))
+    (frame,) = bag_frames(tmp_path / "bag")
+    np.testing.assert_array_equal(frame.recorded_action, [0.5, -0.5])
 
 
 def test_frames_with_one_stamp_are_kept_unless_they_are_the_same_frame(tmp_path):
@@ -176,6 +215,21 @@ def test_bag_written_replayed_and_compared(ros_env, tmp_path):
     assert comparison["mse"] == 0.0 and comparison["cosine_mean"] == pytest.approx(1.0)
     assert third["comparison"]["frames_compared"] == 5 and third["comparison"]["mse"] > 1e-6
     assert "| MSE | 0 |" in (tmp_path / "second" / "replay_report.md").read_text()
+
+
+def test_replay_and_recorder_command_lines_refuse_bad_values_before_starting(tmp_path, capsys):
+    from cfgrl_ros.nodes import recorder, replay_node
+
+    (tmp_path / "taken").mkdir()
+    for argv, message in ((["--source", "x.npz", "--rate", "nan"], "--rate must be recorded, lockstep or a positive"),
+                          (["--source", "x.npz", "--rate", "inf"], "--rate must be"),
+                          (["--source", "x.npz", "--record", str(tmp_path / "taken")], "exists; rosbag2 bags")):
+        with pytest.raises(SystemExit) as exit_info:
+            replay_node.parse_args(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        recorder.main(["--out", str(tmp_path / "taken")])  # before rclpy.init: no node, no traceback
+    assert exit_info.value.code == 2 and "exists; rosbag2 bags are never overwritten" in capsys.readouterr().err
 
 
 def test_image_decoding_of_bag_messages_uses_the_node_decoder():

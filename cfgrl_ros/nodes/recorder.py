@@ -2,18 +2,22 @@
 """cfgrl_recorder: writes the policy node's inputs and outputs to a rosbag2 mcap bag.
 
 Raw (CDR) subscriptions, so messages are stored exactly as they travelled, stamped with their
-receive time, like `ros2 bag record`. The camera is subscribed reliable (our sim and replay nodes
-publish reliable; a best-effort camera driver would need a best-effort recorder).
+receive time, like `ros2 bag record`. The camera is subscribed reliable by default (our sim and
+replay nodes publish reliable, and no frame is lost); a camera driver publishing best-effort (sensor
+QoS) needs `--camera-qos best_effort`, and an incompatible publisher is reported in the log.
 
-Run: python -m cfgrl_ros.nodes.recorder --out run1_bag  (Ctrl-C ends the recording)
+Run: python -m cfgrl_ros.nodes.recorder --out run1_bag  (Ctrl-C ends the recording; a killed recorder
+leaves a bag without metadata.yaml, which `ros2 bag reindex` rebuilds)
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import rclpy
+from rclpy.event_handler import SubscriptionEventCallbacks, qos_policy_name_from_kind
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -25,6 +29,9 @@ from cfgrl_ros.msg import PolicyAction
 from cfgrl_ros.nodes import bridge
 
 DEEP_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
+CAMERA_QOS = {"reliable": DEEP_QOS,
+              "best_effort": QoSProfile(depth=100, reliability=ReliabilityPolicy.BEST_EFFORT,
+                                        history=HistoryPolicy.KEEP_LAST)}
 # topic -> (rclpy type, bag type name, QoS)
 RECORDED_TOPICS = {
     bridge.CAMERA_TOPIC: (Image, bags.IMAGE_TYPE, DEEP_QOS),
@@ -36,12 +43,22 @@ RECORDED_TOPICS = {
 
 
 class TopicRecorder(Node):
-    def __init__(self, bag_path: str, topics: dict = RECORDED_TOPICS, name: str = "cfgrl_recorder"):
+    def __init__(self, bag_path: str, topics: dict = RECORDED_TOPICS, name: str = "cfgrl_recorder",
+                 camera_qos: str = "reliable"):
         super().__init__(name)
         self.writer = bags.BagWriter(bag_path)
         for topic, (msg_class, type_name, qos) in topics.items():
-            self.create_subscription(msg_class, topic, self._writer_for(topic, type_name), qos, raw=True)
+            qos = CAMERA_QOS[camera_qos] if topic == bridge.CAMERA_TOPIC else qos
+            self.create_subscription(msg_class, topic, self._writer_for(topic, type_name), qos, raw=True,
+                                     event_callbacks=self._qos_events(topic))
         self.get_logger().info(f"recording {', '.join(topics)} to {bag_path}")
+
+    def _qos_events(self, topic: str) -> SubscriptionEventCallbacks:
+        def incompatible(info) -> None:  # otherwise the topic is silently missing from the bag
+            hint = " (a best-effort camera? use --camera-qos best_effort)" if topic == bridge.CAMERA_TOPIC else ""
+            self.get_logger().error(f"{self.resolve_topic_name(topic)}: a publisher's QoS is incompatible "
+                                    f"({qos_policy_name_from_kind(info.last_policy_kind)}); not recorded{hint}")
+        return SubscriptionEventCallbacks(incompatible_qos=incompatible)
 
     def _writer_for(self, topic: str, type_name: str):
         resolved = self.resolve_topic_name(topic)  # absolute, as `ros2 bag record` stores it
@@ -57,11 +74,15 @@ class TopicRecorder(Node):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="new rosbag2 directory to create")
+    parser.add_argument("--camera-qos", choices=sorted(CAMERA_QOS), default="reliable",
+                        help="reliability of the camera subscription (best_effort for a sensor-QoS camera)")
     args, ros_args = parser.parse_known_args(argv)
+    if Path(args.out).exists():
+        parser.error(f"{args.out} exists; rosbag2 bags are never overwritten, choose a new path")
     rclpy.init(args=[sys.argv[0], *ros_args])
-    recorder = TopicRecorder(args.out)
+    recorder = TopicRecorder(args.out, camera_qos=args.camera_qos)
     try:
         rclpy.spin(recorder)
     except (KeyboardInterrupt, ExternalShutdownException):

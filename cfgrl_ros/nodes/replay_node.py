@@ -195,7 +195,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     args, ros_args = parser.parse_known_args(argv)
     if args.rate not in ("recorded", "lockstep"):
         try:
-            if float(args.rate) <= 0:
+            if not (math.isfinite(float(args.rate)) and float(args.rate) > 0):
                 raise ValueError
         except ValueError:
             parser.error(f"--rate must be recorded, lockstep or a positive number of Hz, got {args.rate!r}")
@@ -208,6 +208,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
             args.episodes = [int(e) for e in args.episodes.split(",")]
         except ValueError:
             parser.error(f"--episodes takes comma-separated episode numbers, e.g. 0,3; got {args.episodes!r}")
+    if args.record is not None and Path(args.record).exists():
+        parser.error(f"--record {args.record} exists; rosbag2 bags are never overwritten, choose a new path")
     return args, ros_args
 
 
