@@ -217,6 +217,28 @@ def test_bag_written_replayed_and_compared(ros_env, tmp_path):
     assert "| MSE | 0 |" in (tmp_path / "second" / "replay_report.md").read_text()
 
 
+def test_lockstep_replay_gives_up_on_a_policy_that_never_acts(ros_env, tmp_path):
+    """A goal the policy refuses (3 values for a 2-d goal): no action ever comes, and the replay stops after
+    MAX_UNANSWERED_IN_A_ROW frames instead of waiting out every frame's timeout."""
+    from cfgrl_ros.nodes.processes import POLICY_MODULE, NodeProcess
+    from cfgrl_ros.nodes.replay_node import MAX_UNANSWERED_IN_A_ROW
+    from test_sim_node import tiny_checkpoint
+
+    images, _ = frames_and_goal(8)
+    write_bag(tmp_path / "bag", images, np.zeros(3, np.float32))
+    checkpoint = tiny_checkpoint(tmp_path, action_dim=2, goal_dim=2)
+    node = NodeProcess(POLICY_MODULE, {"policy": str(checkpoint), "backend": "torch", "trigger": "image"},
+                       tmp_path / "policy.log", ros_env)
+    try:
+        command = [sys.executable, "-m", "cfgrl_ros.nodes.replay_node", "--source", str(tmp_path / "bag"),
+                   "--rate", "lockstep", "--action-timeout", "1", "--policy-timeout", "120", "--out", str(tmp_path / "out")]
+        completed = subprocess.run(command, env=ros_env, capture_output=True, text=True, timeout=240)
+    finally:
+        node.stop()
+    assert completed.returncode == 1, completed.stdout + completed.stderr
+    assert f"no action for {MAX_UNANSWERED_IN_A_ROW} frames in a row (up to frame 2)" in completed.stderr
+
+
 def test_replay_and_recorder_command_lines_refuse_bad_values_before_starting(tmp_path, capsys):
     from cfgrl_ros.nodes import recorder, replay_node
 

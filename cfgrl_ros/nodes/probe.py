@@ -1,7 +1,8 @@
 """The other side of the policy node, for tests and benchmarks: feeds camera and goal, collects actions.
 
 `PolicyProbe` is a plain rclpy node in the caller's process. It publishes `camera/image` and the goal
-topics with the QoS a robot would use, records every PolicyAction and DiagnosticArray with its
+topics (camera reliable, keep last 1: what our sim and replay nodes publish, and what the policy's
+best-effort subscription accepts; goals latched), records every PolicyAction and DiagnosticArray with its
 receipt time, and sets the policy node's parameters through AsyncParameterClient (what
 `ros2 param set` uses). Waits are on conditions with timeouts, never fixed sleeps.
 """

@@ -38,6 +38,7 @@ from cfgrl_ros.bags import BagError
 from cfgrl_ros.replay import ReplayError, ReplayFrame, bag_frames, compare_actions, dataset_frames, write_replay_report
 from training.data import DatasetError
 
+MAX_UNANSWERED_IN_A_ROW = 3  # lockstep: frames without an action before the replay gives up
 
 class ReplayNode(Node):
     def __init__(self, executor: SingleThreadedExecutor, recorder: TopicRecorder | None = None,
@@ -117,7 +118,9 @@ class ReplayNode(Node):
 
     def play(self, frames: list[ReplayFrame], rate: str, speed: float, action_timeout_s: float,
              resend_s: float = 2.0) -> None:
-        start = time.monotonic()
+        """Lockstep stops (ReplayError) after MAX_UNANSWERED_IN_A_ROW frames without an action: a policy
+        that does not act (another goal mode, stale inputs) would otherwise cost a timeout per frame."""
+        start, unanswered = time.monotonic(), 0
         for index, frame in enumerate(frames):
             if frame.sets_goal:
                 self.publish_goal(frame)
@@ -126,19 +129,24 @@ class ReplayNode(Node):
                 self.spin_until(lambda: False, max(0.0, start + due - time.monotonic()))
             self.publish_frame(index, frame)
             if rate == "lockstep":
-                self._await_action(index, frame, action_timeout_s, resend_s)
+                unanswered = 0 if self._await_action(index, frame, action_timeout_s, resend_s) else unanswered + 1
+                if unanswered == MAX_UNANSWERED_IN_A_ROW:
+                    raise ReplayError(f"no action for {unanswered} frames in a row (up to frame {index}): is the policy "
+                                      "acting? Check its goal mode against the source's goals and its diagnostics")
         # Open-loop rates: give the last actions time to arrive.
         self.spin_until(lambda: len(self.actions) == len(frames), action_timeout_s if rate != "lockstep" else 0.0)
 
-    def _await_action(self, index: int, frame: ReplayFrame, timeout_s: float, resend_s: float) -> None:
+    def _await_action(self, index: int, frame: ReplayFrame, timeout_s: float, resend_s: float) -> bool:
+        """True when the frame's action arrived within timeout_s."""
         deadline = time.monotonic() + timeout_s
         while not self.spin_until(lambda: index in self.actions, min(resend_s, deadline - time.monotonic())):
             if time.monotonic() >= deadline:
                 self.get_logger().warning(f"no action for frame {index} within {timeout_s:g} s; going on")
-                return
+                return False
             # A frame lost on the best-effort camera link, or one that raced its goal: show it again.
             self.resends += 1
             self.publish_frame(index, frame)
+        return True
 
     def report(self, frames: list[ReplayFrame], source: str, rate: str) -> dict:
         both = [i for i in range(len(frames)) if i in self.actions and frames[i].recorded_action is not None]
@@ -175,7 +183,9 @@ def load_frames(args: argparse.Namespace) -> list[ReplayFrame]:
     if source.suffix == ".npz":
         return dataset_frames(source, env_name=args.env_name, episodes=args.episodes, max_frames=args.max_frames,
                               hz=args.dataset_hz, cache_dir=args.cache_dir)
-    return bag_frames(source, max_frames=args.max_frames)
+    return bag_frames(source, max_frames=args.max_frames, camera_topic=args.camera_topic,
+                      goal_image_topic=args.goal_image_topic, goal_vector_topic=args.goal_vector_topic,
+                      action_topic=args.action_topic)
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -191,6 +201,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--dataset-hz", type=float, default=20.0, help="recorded rate of a dataset")
     parser.add_argument("--cache-dir", default=None, help="where the dataset loader may cache observations")
     parser.add_argument("--action-timeout", type=float, default=10.0, help="seconds to wait for an action")
+    # A bag recorded in a namespace or with remaps stores resolved names, e.g. /robot1/camera/image.
+    for flag, default in (("camera-topic", "camera/image"), ("goal-image-topic", "goal/image"),
+                          ("goal-vector-topic", "goal/vector"), ("action-topic", "action")):
+        parser.add_argument(f"--{flag}", default=default, help=f"the bag's {flag[:-6].replace('-', ' ')} topic")
     parser.add_argument("--policy-timeout", type=float, default=60.0, help="seconds to wait for the policy node")
     args, ros_args = parser.parse_known_args(argv)
     if args.rate not in ("recorded", "lockstep"):
@@ -234,7 +248,11 @@ def main(argv: list[str] | None = None) -> int:
             node.get_logger().error(str(error))
             return 1
         node.get_logger().info(f"playing {len(frames)} frames of {args.source} at rate {args.rate}")
-        node.play(frames, args.rate, args.speed, args.action_timeout)
+        try:
+            node.play(frames, args.rate, args.speed, args.action_timeout)
+        except ReplayError as error:
+            node.get_logger().error(str(error))
+            return 1
         if recorder is not None:  # the last action must be in the bag before it closes
             action_topic = recorder.resolve_topic_name(bridge.ACTION_TOPIC)
             node.spin_until(lambda: recorder.writer.counts.get(action_topic, 0) >= len(node.actions), 5.0)
