@@ -281,3 +281,54 @@ def _digest(*arrays: np.ndarray) -> str:
     for array in arrays:
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pairing the policy node with a sim (launch/sim.launch.py and cfgrl-ros-evaluate use these).
+
+SIM_LAUNCH_ARGUMENTS = ("env_name", "clock", "control_rate_hz", "task_id", "max_episode_steps")
+
+
+def paired_policy_parameters(clock: str, control_rate_hz: float) -> dict:
+    """Policy node settings that match a sim on `clock`.
+
+    lockstep: sim time (use_sim_time), one action per image (trigger image, a 1000 Hz cap that never
+    binds) and no stale-input stop, so one image gives exactly one action; sim time stands still
+    while the policy thinks, hence the long image age. realtime: both on the wall clock at the rate.
+    """
+    if clock == "lockstep":
+        return {"use_sim_time": True, "trigger": "image", "control_rate_hz": 1000.0, "stale_action": "none",
+                "max_image_age_s": 3600.0}
+    if clock == "realtime":
+        return {"use_sim_time": False, "trigger": "timer", "control_rate_hz": float(control_rate_hz),
+                "stale_action": "zero"}
+    raise SimConfigError(f"clock must be lockstep or realtime, got {clock!r}")
+
+
+def sim_launch_parameters(arguments: dict[str, str], sim_file: dict) -> tuple[dict, dict]:
+    """(sim overrides, paired policy settings) from sim.launch.py's arguments; an empty argument keeps
+    the sim params file's value (`sim_file`: its cfgrl_sim ros__parameters)."""
+    kinds = {"env_name": str, "clock": str, "control_rate_hz": float, "task_id": int, "max_episode_steps": int}
+    overrides = {}
+    for name in SIM_LAUNCH_ARGUMENTS:
+        text = arguments.get(name, "")
+        if text:
+            try:
+                overrides[name] = kinds[name](text)
+            except ValueError:
+                what = "an integer" if kinds[name] is int else "a number"
+                raise SimConfigError(f"launch argument {name}:={text!r} is not {what}") from None
+    effective = {"clock": "lockstep", "control_rate_hz": 10.0, **sim_file, **overrides}
+    return overrides, paired_policy_parameters(effective["clock"], effective["control_rate_hz"])
+
+
+def params_file_section(path: str | os.PathLike, node_name: str) -> dict:
+    """The ros__parameters a params file gives `node_name` (keys `name`, `/name`, `/**/name` or `/**`)."""
+    import yaml
+
+    with open(path) as file:
+        data = yaml.safe_load(file) or {}
+    values: dict = {}
+    for key in ("/**", f"/**/{node_name}", f"/{node_name}", node_name):
+        values.update((data.get(key) or {}).get("ros__parameters") or {})
+    return values

@@ -12,14 +12,14 @@ What "matching" means, per clock:
   realtime  both on the wall clock at control_rate_hz: the sim steps at that rate, the policy acts at
             that rate (trigger timer); stale-input stops (zeros) are applied like any action.
 
-Arguments:
-  policy             checkpoint path; empty keeps the policy params file's value
+Arguments (each empty one keeps its params file's value):
+  policy             checkpoint path
   env_name           OGBench visual env id (visual-cube-single-v0, visual-scene-v0, ...) or pointreach
   clock              lockstep | realtime
   control_rate_hz    realtime step rate (sim) and action rate (policy)
   task_id            task of the first episode (1-5); change it later with `ros2 param set /cfgrl_sim task_id N`
   max_episode_steps  episode limit; 0 keeps the env's own
-  w                  guidance weight; empty keeps the policy params file's value
+  w                  guidance weight
   namespace          namespace of both nodes and their topics
   sim_params_file    default: the installed config/sim.yaml
   policy_params_file default: the installed config/cfgrl.yaml
@@ -31,13 +31,15 @@ from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
 
+from cfgrl_ros.sim import params_file_section, sim_launch_parameters
+
 ARGUMENTS = {
     "policy": ("", "Checkpoint (.safetensors); empty keeps the policy params file's value."),
-    "env_name": ("visual-cube-single-v0", "OGBench visual env id or pointreach."),
-    "clock": ("lockstep", "lockstep (one step per action, /clock) or realtime (fixed rate)."),
-    "control_rate_hz": ("10.0", "Real-time step and action rate."),
-    "task_id": ("1", "Task of the first episode, 1-5."),
-    "max_episode_steps": ("0", "Episode limit; 0 keeps the env's own."),
+    "env_name": ("", "OGBench visual env id or pointreach; empty keeps the sim params file's value."),
+    "clock": ("", "lockstep (one step per action, /clock) or realtime (fixed rate); empty: the sim params file's."),
+    "control_rate_hz": ("", "Real-time step and action rate; empty: the sim params file's."),
+    "task_id": ("", "Task of the first episode, 1-5; empty: the sim params file's."),
+    "max_episode_steps": ("", "Episode limit, 0 keeps the env's own; empty: the sim params file's."),
     "w": ("", "Guidance weight; empty keeps the policy params file's value."),
     "namespace": ("", "Namespace of both nodes and their topics."),
     "sim_params_file": (PathJoinSubstitution([FindPackageShare("cfgrl_ros"), "config", "sim.yaml"]),
@@ -49,21 +51,8 @@ ARGUMENTS = {
 
 def sim_and_policy_nodes(context, *_, **__) -> list:
     value = {name: LaunchConfiguration(name).perform(context) for name in ARGUMENTS}
-    clock = value["clock"]
-    if clock not in ("lockstep", "realtime"):
-        raise ValueError(f"clock must be lockstep or realtime, got {clock!r}")
-    lockstep = clock == "lockstep"
-    rate = float(value["control_rate_hz"])
-    sim_overrides = {"env_name": value["env_name"], "clock": clock, "control_rate_hz": rate,
-                     "task_id": int(value["task_id"]), "max_episode_steps": int(value["max_episode_steps"])}
-    policy_overrides = {
-        "use_sim_time": lockstep,
-        "trigger": "image" if lockstep else "timer",
-        "control_rate_hz": 1000.0 if lockstep else rate,
-        "stale_action": "none" if lockstep else "zero",
-    }
-    if lockstep:
-        policy_overrides["max_image_age_s"] = 3600.0  # sim time stands still while the policy thinks
+    sim_file = params_file_section(value["sim_params_file"], "cfgrl_sim")
+    sim_overrides, policy_overrides = sim_launch_parameters(value, sim_file)
     if value["policy"]:
         policy_overrides["policy"] = value["policy"]
     if value["w"]:

@@ -337,6 +337,30 @@ def test_bad_parameters_are_refused_with_a_reason(ros_session, ros_env, tmp_path
     sim.check_alive()
 
 
+def test_sim_launch_arguments_keep_the_params_file_unless_given(tmp_path):
+    """What launch/sim.launch.py passes to the nodes, without launch_ros: an empty argument keeps the sim
+    params file's value, and the policy is paired with the clock that results."""
+    from cfgrl_ros.sim import SimConfigError, params_file_section, sim_launch_parameters
+
+    sim_file = params_file_section(REPO_ROOT / "config" / "sim.yaml", "cfgrl_sim")
+    assert sim_file["clock"] == "lockstep" and sim_file["env_name"] == "visual-cube-single-v0"
+    empty = dict.fromkeys(("env_name", "clock", "control_rate_hz", "task_id", "max_episode_steps"), "")
+    overrides, policy = sim_launch_parameters(empty, sim_file)
+    assert overrides == {} and policy["trigger"] == "image" and policy["use_sim_time"] is True
+
+    realtime_file = tmp_path / "sim.yaml"
+    realtime_file.write_text("cfgrl_sim:\n  ros__parameters:\n    clock: realtime\n    control_rate_hz: 15.0\n")
+    overrides, policy = sim_launch_parameters({**empty, "task_id": "3"}, params_file_section(realtime_file, "cfgrl_sim"))
+    assert overrides == {"task_id": 3}
+    assert policy == {"use_sim_time": False, "trigger": "timer", "control_rate_hz": 15.0, "stale_action": "zero"}
+    overrides, policy = sim_launch_parameters({**empty, "clock": "realtime", "control_rate_hz": "20"}, sim_file)
+    assert overrides == {"clock": "realtime", "control_rate_hz": 20.0} and policy["control_rate_hz"] == 20.0
+    with pytest.raises(SimConfigError, match="clock must be lockstep or realtime"):
+        sim_launch_parameters({**empty, "clock": "fast"}, sim_file)
+    with pytest.raises(SimConfigError, match="task_id:='two' is not an integer"):
+        sim_launch_parameters({**empty, "task_id": "two"}, sim_file)
+
+
 def test_sim_launch_file():
     """launch/sim.launch.py: valid Python everywhere; its nodes and parameters where launch_ros exists."""
     path = REPO_ROOT / "launch" / "sim.launch.py"

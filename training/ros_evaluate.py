@@ -36,6 +36,7 @@ from cfgrl_ros.checkpoint import load_checkpoint
 from cfgrl_ros.nodes import bridge
 from cfgrl_ros.nodes.processes import POLICY_MODULE, SIM_MODULE, NodeProcess
 from cfgrl_ros.ros_domain import isolate_process
+from cfgrl_ros.sim import paired_policy_parameters
 from training.evaluate import POINTREACH, episode_limit, episode_seed, markdown_table, summarize, write_report
 
 SIM_NODE, POLICY_NODE = "cfgrl_sim", "cfgrl"
@@ -111,8 +112,7 @@ class SimSession:
 
 def policy_parameters(policy: str, seed: int, flow_steps: int, cpu_threads: int = 1) -> dict:
     """Policy node settings for lockstep: one action per frame, on sim time, never a stale stop."""
-    return {"policy": policy, "backend": "torch", "trigger": "image", "control_rate_hz": 1000.0,
-            "use_sim_time": True, "stale_action": "none", "max_image_age_s": 3600.0, "seed": seed,
+    return {**paired_policy_parameters("lockstep", 0.0), "policy": policy, "backend": "torch", "seed": seed,
             "flow_steps": flow_steps, "cpu_threads": cpu_threads}
 
 
