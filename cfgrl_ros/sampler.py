@@ -66,9 +66,15 @@ class GuidedSampler(nn.Module):
         condition = self.encode(observations, goals)
         actions = noise.to(condition.dtype)
         dt = torch.tensor(1.0 / flow_steps, device=noise.device)
+        times = flow_times(flow_steps, noise.device)
         for i in range(flow_steps):
-            actions = self.euler_step(condition, actions, torch.tensor(i / flow_steps, device=noise.device), dt, w)
+            actions = self.euler_step(condition, actions, times[i], dt, w)
         return actions.clamp(-1.0, 1.0)
+
+
+def flow_times(flow_steps: int, device: torch.device | str) -> torch.Tensor:
+    """t_i = i / K for the K Euler steps, made in one host-to-device copy (not one per step on a GPU)."""
+    return torch.tensor([i / flow_steps for i in range(flow_steps)], device=device)
 
 
 def check_sampler_inputs(

@@ -10,15 +10,16 @@
 #   check     the CUDA tests that skip on CPU machines; dataset generation throughput (issue 3);
 #             training steps/s; engine latency (cuda_graph vs eager)
 #   headline [oracle|image]
-#             `training.reproduce` at the device-10min scale (issue 7): generate, train, evaluate w in
-#             {0, 1, 1.5, 2, 3, 4}, report; the checkpoint comes back in fp16. Oracle goals (the paper's)
-#             by default; `image` repeats it with goal images on the same dataset (runs/device/data), so
-#             on a machine still warm from the oracle run it only trains and evaluates
-# Every step has its own time limit, none runs past DEVICE_DEADLINE_S (570 s, inside the call's 590),
+#             `training.reproduce` at the device-10min scale (issue 7), one stage per step (generate,
+#             train, evaluate w in {0, 1, 3} + report), each stage's figures (generation transitions/s,
+#             training steps/s, success) recorded as soon as it ends; then the checkpoint in fp16 and,
+#             with the time left, engine latency. Oracle goals (the paper's) by default; `image` repeats
+#             it with goal images on the same dataset (runs/device/data)
+# Every step has its own time limit, none runs past DEVICE_DEADLINE_S (550 s, inside the call's 590),
 # and the script goes on after a failed one, most important first. What comes back in
 # $OUT (at most 8 files): device.log (everything), figures.md (the measured figures), and for the
-# headline report.md, success_vs_w.png, comparison.json and policy-fp16.safetensors. The headline's
-# work stays under runs/device/ on the machine while it is warm: the same call again resumes it.
+# headline report.md, success_vs_w.png, comparison.json and policy-fp16.safetensors. Plan on one call
+# per task: after a machine's start and a 590 s call, too little of the 15 minutes is left for another.
 # Outside the device tool (no $OUT) it writes to runs/device-out/ and still needs a CUDA GPU.
 # DEVICE_REHEARSAL=1 runs `headline` on a CPU machine instead, with the project's venv as it is (no
 # kit), the smoke scale and the CPU: the script's own plumbing, tested in tests/test_device_run.py.
@@ -33,7 +34,7 @@ FIGURES="$OUT/figures.md"
 PYTHON="${PYTHON:-python3}"
 SITE=/tmp/cfgrl-site
 RUN_START=$SECONDS
-DEADLINE_S="${DEVICE_DEADLINE_S:-570}"
+DEADLINE_S="${DEVICE_DEADLINE_S:-550}"
 RUN_DIR="${DEVICE_RUN_DIR:-runs/device}"
 REHEARSAL="${DEVICE_REHEARSAL:-0}"
 
@@ -53,7 +54,7 @@ step() {
   fi
   ((limit > left)) && limit=$left
   log "$name: start (limit ${limit} s): $*"
-  timeout --signal=INT --kill-after=20 "$limit" "$@" >>"$LOG" 2>&1
+  timeout --signal=INT --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
   rc=$?
   case $rc in
     0) log "$name: ok in $((SECONDS - start)) s" ;;
@@ -75,9 +76,12 @@ prepare() {
   for deb in .devkit/gl/*.deb; do dpkg -x "$deb" /; done
   ldconfig
   rm -rf "$SITE" && mkdir -p "$SITE" && tar -xzf .devkit/site-py312.tar.gz -C "$SITE"
-  export PYTHONPATH="$SITE:$REPO_ROOT" MUJOCO_GL=egl PYTHONUNBUFFERED=1 TQDM_MININTERVAL=15
-  local vendor=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
-  [[ -f $vendor ]] && export __EGL_VENDOR_LIBRARY_FILENAMES="$vendor"
+  export PYTHONPATH="$SITE:$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" MUJOCO_GL=egl PYTHONUNBUFFERED=1 TQDM_MININTERVAL=15
+  local vendor
+  for vendor in /usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json \
+    /usr/share/glvnd/egl_vendor.d/10_nvidia.json /etc/glvnd/egl_vendor.d/10_nvidia.json; do
+    [[ -f $vendor ]] && { export __EGL_VENDOR_LIBRARY_FILENAMES="$vendor"; break; }
+  done
   # No .git travels: the checkpoints' code version comes from the caller's commit, if given.
   export CFGRL_CODE_VERSION="${CFGRL_CODE_VERSION:-0.1.0+device}"
   {
@@ -87,13 +91,15 @@ prepare() {
     echo "- CPU: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)"
   } >>"$FIGURES"
   # MuJoCo must render through the NVIDIA driver: a software renderer would make every figure wrong.
-  "$PYTHON" - >>"$FIGURES" 2>>"$LOG" <<'EOF' || { log "EGL check failed: see device.log"; return 1; }
+  # Bounded: a hung eglInitialize must not eat the call.
+  timeout 90 "$PYTHON" - >>"$FIGURES" 2>>"$LOG" <<'EOF' || { log "EGL check failed: see device.log"; return 1; }
 import mujoco, torch
 from OpenGL import GL
 context = mujoco.GLContext(64, 64)
 context.make_current()
 renderer = GL.glGetString(GL.GL_RENDERER).decode()
-print(f"- python {__import__('sys').version.split()[0]}, torch {torch.__version__}, mujoco {mujoco.__version__}")
+print(f"- python {__import__('sys').version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}, "
+      f"available: {torch.cuda.is_available()}), mujoco {mujoco.__version__}")
 print(f"- MuJoCo EGL renderer: {renderer}")
 context.free()
 if "llvmpipe" in renderer.lower() or "software" in renderer.lower():
@@ -133,25 +139,52 @@ check_training() {
   done
 }
 
+# check_engines [LIMIT_S ITERATIONS ENGINES]
 check_engines() {
-  step engines 180 "$PYTHON" -m training.benchmark --device cuda --engines torch,cuda_graph,tensorrt \
-    --iterations 300 --min-seconds 1 --workdir /tmp/bench --out "$OUT/engines.md" &&
+  local limit="${1:-180}" iterations="${2:-300}" engines="${3:-torch,cuda_graph,tensorrt}"
+  step engines "$limit" "$PYTHON" -m training.benchmark --device cuda --engines "$engines" \
+    --iterations "$iterations" --min-seconds 0.5 --workdir /tmp/bench --out "$OUT/engines.md" &&
     cat "$OUT/engines.md" >>"$FIGURES"
   rm -f "$OUT/engines.md"
 }
 
+# stage_figures DIR...: one line per reproduce stage record found (status, time, its summary's figures),
+# so a stage that finished is in figures.md even when a later one runs out of time.
+stage_figures() {
+  "$PYTHON" - "$@" >>"$FIGURES" 2>>"$LOG" <<'EOF'
+import json, pathlib, sys
+for root in sys.argv[1:]:
+    for path in sorted(pathlib.Path(root).rglob("*stage.json")):
+        record = json.loads(path.read_text())
+        facts = {k: v for k, v in record.get("summary", {}).items()
+                 if isinstance(v, (int, float, str)) and len(str(v)) <= 40}
+        print(f"- stage {record['stage']}: {record['status']}, {record['wall_s']:.0f} s; "
+              + ", ".join(f"{k} {v}" for k, v in facts.items()))
+EOF
+}
+
 headline() {
-  local goal_mode="$1" report
+  local goal_mode="$1" report until
   local run="$RUN_DIR/visual-cube-single-$goal_mode"
   local settings=(--scale device-10min --workers 16 --device cuda)
   ((REHEARSAL)) && settings=(--scale smoke --device cpu)
-  step headline 540 "$PYTHON" -m training.reproduce --task visual-cube-single --goal-mode "$goal_mode" \
-    --out "$run" --data-dir "$RUN_DIR/data" "${settings[@]}"
+  local reproduce=("$PYTHON" -m training.reproduce --task visual-cube-single --goal-mode "$goal_mode"
+    --out "$run" --data-dir "$RUN_DIR/data" "${settings[@]}")
+  # One step per stage: each has its own limit, and a later stage running out of time keeps the
+  # earlier ones' figures. A failed stage stops the chain (the next would only fail on it).
+  for until in generate train report; do
+    step "headline-$until" 420 "${reproduce[@]}" --until "$until" || break
+  done
+  stage_figures "$RUN_DIR"
   report="$run/report"
-  [[ -f $report/report.md ]] || { log "headline: no report (yet); the same call again resumes"; return 1; }
-  cp "$report/report.md" "$report/success_vs_w.png" "$report/comparison.json" "$OUT/" 2>>"$LOG"
-  step export-fp16 120 "$PYTHON" -m training.export "$run/train/checkpoint.safetensors" --formats fp16 \
-    --out /tmp/cfgrl-fp16 && cp /tmp/cfgrl-fp16/policy_fp16.safetensors "$OUT/policy-fp16.safetensors"
+  if [[ -f $report/report.md ]]; then
+    cp "$report/report.md" "$report/success_vs_w.png" "$report/comparison.json" "$OUT/" 2>>"$LOG"
+    step export-fp16 60 "$PYTHON" -m training.export "$run/train/checkpoint.safetensors" --formats fp16 \
+      --out /tmp/cfgrl-fp16 && cp /tmp/cfgrl-fp16/policy_fp16.safetensors "$OUT/policy-fp16.safetensors"
+  else
+    log "headline: no report; the stage records above say how far it got"
+  fi
+  ((REHEARSAL)) || check_engines 90 200 torch,cuda_graph  # with the time left: the node's latency
 }
 
 main() {
@@ -163,8 +196,13 @@ main() {
   if ((REHEARSAL)); then
     [[ $part == headline ]] || { echo "$0: a rehearsal runs headline only; check needs the GPU" >&2; exit 2; }
     prepare_rehearsal
-  else
-    prepare || exit 1
+  elif ! prepare; then
+    # No GPU rendering: generation and evaluation would be wrong or stall; measure what needs none.
+    figure "- EGL check failed: only training and engine figures (no rendering)"
+    check_training
+    check_engines
+    cat "$FIGURES"
+    exit 1
   fi
   if [[ $part == check ]]; then
     check_generation

@@ -32,7 +32,11 @@ def test_headline_rehearsal_brings_back_the_report_and_an_fp16_policy(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["device.log", "figures.md", "report.md", "success_vs_w.png", "comparison.json", "policy-fp16.safetensors"])
     figures = (out / "figures.md").read_text()
-    assert "- step `headline`: exit 0" in figures and "- step `export-fp16`: exit 0" in figures
+    for stage in ("generate", "train", "report"):  # one step per stage, and each stage's figures
+        assert f"- step `headline-{stage}`: exit 0" in figures, figures
+    assert "- step `export-fp16`: exit 0" in figures
+    assert "- stage generate: done" in figures and "transitions_per_second" in figures
+    assert "- stage train: done" in figures and "mean_steps_per_s" in figures
     assert "scale `smoke`" in (out / "report.md").read_text()
 
     trained = tmp_path / "run" / "visual-cube-single-oracle" / "train" / "checkpoint.safetensors"

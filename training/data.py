@@ -368,8 +368,8 @@ class GoalBatchSampler:
     def sample(self, augment: bool = True) -> dict[str, torch.Tensor]:
         """One batch; `augment=False` (validation) skips the augmentation coin."""
         idxs, goal_idxs = self.sample_indices()
-        if self.on_device:
-            idxs, goal_idxs = idxs.to(self.device), goal_idxs.to(self.device)
+        if self.device.type == "cuda" and self.on_device:  # pinned, asynchronous: no wait on the GPU's queue
+            idxs, goal_idxs = (i.pin_memory().to(self.device, non_blocking=True) for i in (idxs, goal_idxs))
         image_goals = self.goal_mode == "image"
         images = self._gather_images(torch.cat([idxs, goal_idxs]) if image_goals else idxs)
         if augment and torch.rand((), generator=self._coin_generator).item() < self.p_aug:
