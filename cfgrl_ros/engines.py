@@ -434,9 +434,47 @@ def build_tensorrt(checkpoint: Checkpoint, flow_steps: int, path: str | Path, de
     log.warning("tensorrt: build took %.1f s", time.perf_counter() - start)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch_tensorrt.save(module, str(path), output_format="exported_program", arg_inputs=list(example))
+    partial = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+    # Batch-2 examples and the batch dimension declared dynamic: saving re-exports the module, and an
+    # export from batch-1 examples alone would specialise the program to batch 1.
+    example = _with_image_dtype(checkpoint.config, example_inputs(checkpoint.config, 2, device), torch.float16)
+    save_options = inspect.signature(torch_tensorrt.save).parameters
+    dynamic = {}
+    if "dynamic_shapes" in save_options:
+        batch = torch.export.Dim("batch", min=1, max=max_batch)
+        dynamic = {"dynamic_shapes": tuple({0: batch} for _ in INPUT_NAMES), "retrace": True}
+    torch_tensorrt.save(module, str(partial), output_format="exported_program", arg_inputs=list(example), **dynamic)
+    try:
+        verify_tensorrt(partial, checkpoint, flow_steps, device, max_batch)
+    except Exception:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, path)
     write_sidecar(path, key)
     return path
+
+
+TENSORRT_TOLERANCE = 5e-2  # fp16 weights and activations against the fp32 sampler, actions in [-1, 1]
+
+
+def verify_tensorrt(path: Path, checkpoint: Checkpoint, flow_steps: int, device: torch.device, max_batch: int) -> None:
+    """Reload a saved TensorRT program and compare it with the fp32 torch sampler at batch 1 and at a
+    larger batch: a program specialised to one batch size, or numerically off, is never kept."""
+    engine = TensorRTEngine(path, checkpoint.config, flow_steps, device)
+    reference = GuidedSampler(copy.deepcopy(checkpoint.policy)).to(device).eval()
+    for batch_size in sorted({1, min(3, max_batch)}):
+        inputs = example_inputs(checkpoint.config, batch_size, seed=batch_size)
+        inputs = (*inputs[:2], torch.linspace(0.0, 3.0, batch_size), inputs[3])  # w per sample
+        try:
+            actions = engine.infer(*inputs, flow_steps)
+        except Exception as error:  # noqa: BLE001 - e.g. a shape guard of a program fixed to one batch
+            raise EngineUnavailable(f"the TensorRT program fails at batch {batch_size}: {error}") from error
+        with torch.inference_mode():
+            expected = reference(*(x.to(device) for x in inputs), flow_steps)
+        error = (actions.float() - expected).abs().max().item()
+        if not error <= TENSORRT_TOLERANCE:
+            raise EngineUnavailable(f"the TensorRT program's actions differ from torch's by {error:.3g} at batch "
+                                    f"{batch_size} (tolerance {TENSORRT_TOLERANCE})")
 
 
 def _tensorrt_inputs(config: PolicyConfig, observations: torch.Tensor, goals: torch.Tensor, w: torch.Tensor,
@@ -541,6 +579,12 @@ def load_engine(checkpoint: str | os.PathLike | Checkpoint, backend: str = "torc
             engine = _build_engine(checkpoint, candidate, torch.device(device), **options, allow_tensorrt_build=False)
         except EngineUnavailable as error:
             log.warning("auto: %s is unavailable: %s", candidate, error)
+            continue
+        except Exception as error:  # noqa: BLE001 - a faster engine that breaks (an export error, a failed
+            # graph capture, out of memory) must not stop auto from trying the next; the last one raises
+            if candidate == order[-1]:
+                raise
+            log.warning("auto: %s failed: %s: %s", candidate, type(error).__name__, error)
             continue
         log.info("auto: chose %s on %s: the first that runs here in the fastest-first order %s", candidate,
                  device, " > ".join(order))

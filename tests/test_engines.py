@@ -125,6 +125,21 @@ def test_auto_on_cpu_returns_a_working_engine(checkpoint, caplog):
                                rtol=0, atol=FP32_TOLERANCE)
 
 
+def test_auto_goes_on_past_an_engine_that_breaks(tmp_path, caplog):
+    """A damaged ONNX artifact (its cache key intact) makes onnxruntime fail with its own error, not
+    EngineUnavailable: auto must log it and take the next engine."""
+    path = tiny_checkpoint("oracle", tmp_path)
+    load_engine(path, "onnxruntime", "cpu", flow_steps=4)  # exports sampler_k4.onnx and its key
+    onnx = artifact_path(default_artifacts_dir(path), "onnx", 4)
+    onnx.write_bytes(onnx.read_bytes()[:200])
+    with caplog.at_level("INFO", logger="cfgrl_ros.engines"):
+        engine = load_engine(path, "auto", "cpu", flow_steps=4)
+    assert engine.name == "torch" and "auto: onnxruntime failed" in caplog.text
+    with pytest.raises(Exception) as raised:  # asked for by name, the failure is the caller's to see
+        load_engine(path, "onnxruntime", "cpu", flow_steps=4)
+    assert not isinstance(raised.value, EngineUnavailable)
+
+
 def test_unknown_backend_is_a_clear_error(checkpoint):
     with pytest.raises(ValueError, match=r"unknown backend 'tensorflow'; available: torch, compiled"):
         load_engine(checkpoint, "tensorflow")

@@ -205,6 +205,7 @@ def test_mismatched_checkpoint_and_bad_arguments_are_clear_errors(pointreach_che
 
 @pytest.mark.parametrize("flags, reason", [
     (["--w", "nan"], "w must be finite numbers"),
+    (["--w", "1", "3", "1.0"], "w values must be distinct, got \\[1.0, 3.0, 1.0\\]"),
     (["--episodes-per-task", "0", "--max-steps", "0"], "episodes_per_task must be >= 1, got 0; max_steps must be >= 1"),
     (["--tasks", "9"], "tasks must be distinct ids in 1..5, got \\[9\\]"),
     (["--envs-per-worker", "0"], "envs_per_worker must be >= 1"),

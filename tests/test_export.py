@@ -126,6 +126,14 @@ def test_unknown_format_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "ckpt.export").exists()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("torch_tensorrt") is not None and torch.cuda.is_available(),
+                    reason="checks the refusal where TensorRT cannot run")
+def test_tensorrt_named_in_formats_is_required(tmp_path, capsys):
+    good = save_checkpoint(tmp_path / "ckpt.safetensors", CFGRLPolicy(tiny_config("oracle")))
+    assert main([str(good), "--formats", "fp16,tensorrt"]) == 2
+    assert "cannot build TensorRT here" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torch_tensorrt") is None or not torch.cuda.is_available(),
                     reason=TENSORRT_MISSING if importlib.util.find_spec("torch_tensorrt") is None
                     else "TensorRT needs a CUDA GPU")

@@ -375,6 +375,8 @@ def check_sweep(env_name: str, ws: Sequence[float], tasks: Sequence[int], episod
     problems = []
     if not ws or not all(math.isfinite(w) for w in ws):
         problems.append(f"w must be finite numbers, got {list(ws)}")
+    elif len({float(w) for w in ws}) != len(ws):  # one w twice runs the same episodes twice: 2N "trials"
+        problems.append(f"w values must be distinct, got {list(ws)}")
     if not tasks or len(set(tasks)) != len(tasks) or not all(1 <= t <= num_env_tasks(env_name) for t in tasks):
         problems.append(f"tasks must be distinct ids in 1..{num_env_tasks(env_name)}, got {list(tasks)}")
     for name, value, low in (("episodes_per_task", episodes_per_task, 1), ("flow_steps", flow_steps, 1),

@@ -10,7 +10,8 @@ dimension is dynamic.
 
 Formats: pt2 (torch.export program, what torch-tensorrt compiles), onnx (checked against PyTorch
 with onnxruntime before it is kept), tensorrt (fp16, with its cache key; needs torch-tensorrt and
-a CUDA GPU, skipped with the reason otherwise unless asked for explicitly), fp16 (not a sampler but
+a CUDA GPU; without --formats it is skipped with the reason where it cannot run, named in --formats
+it must build), fp16 (not a sampler but
 the checkpoint itself, weights in float16 and no optimizer state: policy_fp16.safetensors, a few MB,
 the form cfgrl_ros/data/ ships; it loads like any checkpoint).
 """
@@ -55,10 +56,13 @@ class ExportError(RuntimeError):
 
 
 def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path | None = None, flow_steps: int = 16,
-                      formats: tuple[str, ...] = FORMATS, max_batch: int = 1024,
+                      formats: tuple[str, ...] | None = None, max_batch: int = 1024,
                       tensorrt_device: str = "cuda") -> dict[str, Path]:
-    """Write the requested artifacts; returns {format: path}. tensorrt is skipped (logged) where it cannot run
-    unless it is the only format asked for. Raises CheckpointError for a bad checkpoint."""
+    """Write the requested artifacts (None: every format); returns {format: path}. With formats None,
+    tensorrt is skipped (logged) where it cannot run; asked for by name, it is required.
+    Raises CheckpointError for a bad checkpoint."""
+    tensorrt_required = formats is not None and "tensorrt" in formats
+    formats = FORMATS if formats is None else formats
     unknown = set(formats) - set(FORMATS)
     if unknown or not formats:
         raise ValueError(f"unknown or no formats {sorted(unknown)}; choose from {', '.join(FORMATS)}")
@@ -92,7 +96,7 @@ def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path | None = 
             try:
                 build_tensorrt(checkpoint, flow_steps, path, tensorrt_device, max_batch)
             except EngineUnavailable as error:
-                if formats == ("tensorrt",):
+                if tensorrt_required:
                     raise ExportError(f"cannot build TensorRT here: {error}") from error
                 log.warning("skipping tensorrt: %s", error)
                 continue
@@ -146,7 +150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("checkpoint", help="a cfgrl_ros .safetensors checkpoint")
     parser.add_argument("--out", help="artifacts directory (default: <checkpoint>.export/ beside it)")
     parser.add_argument("--flow-steps", type=int, default=16, help="Euler steps unrolled into each artifact")
-    parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated subset of {','.join(FORMATS)}")
+    parser.add_argument("--formats", default=None, help=f"comma-separated subset of {','.join(FORMATS)} (default: all; "
+                        "tensorrt then only where it can run, while named here it must)")
     parser.add_argument("--max-batch", type=int, default=1024, help="largest batch the artifacts accept")
     parser.add_argument("--device", default="cuda", help="device the TensorRT engine is built for")
     return parser.parse_args(argv)
@@ -159,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         written = export_checkpoint(args.checkpoint, args.out, args.flow_steps,
+                                    None if args.formats is None else
                                     tuple(f.strip() for f in args.formats.split(",") if f.strip()),
                                     args.max_batch, args.device)
     except (CheckpointError, ExportError, ValueError, OSError) as error:  # OSError: e.g. an unwritable --out

@@ -14,8 +14,9 @@ code path as the OGBench envs (PointReachBatch has the env workers' reset/step i
 The demonstrations are deliberately suboptimal: a dot wandering between random waypoints with a
 pull of 0.5 toward the current one under action noise of std 1.0. Goal-conditioned BC (w=1) learns
 only a weak pull toward a hindsight goal and is too slow to arrive within 30 steps; guidance (w>1)
-amplifies the pull. Measured (16x16 images, 3000 training steps, 4 seeds, 200 episodes per w):
-success w=0 / w=1 / w=3 = 0% / 10-23% / 61-73%. The position scaling matters: with raw [0, 1]
+amplifies the pull. Measured (16x16 images, 3000 training steps, seeds 0-3, 200 episodes per w;
+tests/test_central_claim.py): success w=0 / w=1 / w=3 = 0% / 13-24% / 28-69% with the current
+null-goal initialisation (the reference's, since 2026-12-03); 0% / 10-23% / 61-73% before. The position scaling matters: with raw [0, 1]
 goals the network learned the goal pathway far more slowly.
 
     python -m training.pointreach --out data/pointreach.npz --image-size 16
