@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -284,3 +285,22 @@ def test_image_goals_are_reproducible_for_a_seed():
         batch.close()
         goals.append(goal)
     np.testing.assert_array_equal(goals[0], goals[1])
+
+
+def test_a_stuck_env_worker_is_an_error_not_a_hang(monkeypatch):
+    """SIGSTOP one spawned PointReach worker: the next step must fail with a named error within the timeout."""
+    import os
+    import signal
+
+    monkeypatch.setattr(ev, "WORKER_REPLY_TIMEOUT_S", 3.0)
+    spec = ev.EnvSpec("pointreach", "oracle", 16, 30)
+    with ev.EnvPool(spec, num_slots=2, workers=2) as pool:
+        pool.reset(np.arange(2), np.array([1, 2]), np.array([0, 1]))
+        os.kill(pool.processes[1].pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            with pytest.raises(ev.EvaluationError, match="env worker 1 sent nothing for 3 s: stuck"):
+                pool.step(np.arange(2), np.zeros((2, pool.action_dim), np.float32))
+            assert time.monotonic() - start < 30
+        finally:
+            os.kill(pool.processes[1].pid, signal.SIGCONT)

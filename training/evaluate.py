@@ -56,6 +56,7 @@ POINTREACH = "pointreach"
 OGBENCH_TASKS = 5
 Z_95 = 1.959963984540054
 DEFAULT_WS = (0.0, 1.0, 1.5, 2.0, 3.0, 4.0)
+WORKER_REPLY_TIMEOUT_S = 600.0  # an env worker silent this long is stuck (a 16-env reset on a loaded CPU takes < 60 s)
 REPORT_FILES = {"json": "results.json", "csv": "results.csv", "markdown": "results.md", "plot": "success_vs_w.png"}
 
 
@@ -225,8 +226,17 @@ class EnvPool:
         return tuple(outputs)
 
     def _receive(self, worker: int) -> Any:
+        connection, process = self.connections[worker], self.processes[worker]
+        waited = 0.0
+        while not connection.poll(1.0):  # a worker stuck in native code (EGL, MuJoCo) must not hang the sweep
+            waited += 1.0
+            if not process.is_alive():
+                break  # recv() below reports the death
+            if waited >= WORKER_REPLY_TIMEOUT_S:
+                raise EvaluationError(f"env worker {worker} sent nothing for {WORKER_REPLY_TIMEOUT_S:g} s: stuck "
+                                      "(in rendering or physics?)")
         try:
-            status, payload = self.connections[worker].recv()
+            status, payload = connection.recv()
         except EOFError as error:
             self.processes[worker].join(timeout=5)
             code = self.processes[worker].exitcode
@@ -243,8 +253,9 @@ class EnvPool:
                 connection.send(("close", None))
             except (BrokenPipeError, OSError):
                 pass
+        deadline = time.monotonic() + 30.0  # for all workers together, not 30 s each
         for process in self.processes:
-            process.join(timeout=30)
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
             if process.is_alive():
                 process.terminate()
 
