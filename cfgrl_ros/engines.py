@@ -17,6 +17,8 @@ that says what it was built from.
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import inspect
 import json
 import logging
@@ -313,10 +315,22 @@ def write_sidecar(path: Path, metadata: dict) -> None:
     path.with_name(path.name + ".json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
 
 
+@functools.cache
+def sampler_code_sha256() -> str:
+    """SHA-256 of the source that an exported sampler bakes in (the policy, the sampler and this module's
+    exportable wrapper): an artifact exported by other code is stale even for the same weights."""
+    from cfgrl_ros import policy, sampler
+
+    digest = hashlib.sha256()
+    for source in (inspect.getsource(policy), inspect.getsource(sampler), inspect.getsource(FixedStepsSampler)):
+        digest.update(source.encode())
+    return digest.hexdigest()
+
+
 def artifact_metadata(checkpoint: Checkpoint, flow_steps: int, kind: str, max_batch: int) -> dict:
     return {"kind": kind, "model_sha256": checkpoint.metadata.get("sha256", ""), "flow_steps": flow_steps,
             "goal_mode": checkpoint.config.goal_mode, "inputs": list(INPUT_NAMES), "outputs": ["actions"],
-            "batch": [1, max_batch], "torch": torch.__version__}
+            "batch": [1, max_batch], "torch": torch.__version__, "sampler_code_sha256": sampler_code_sha256()}
 
 
 def export_program(sampler: GuidedSampler, flow_steps: int, max_batch: int = 4096,
@@ -354,7 +368,8 @@ def onnx_artifact(checkpoint: Checkpoint, flow_steps: int, artifacts_dir: str | 
     path = artifact_path(artifacts_dir, "onnx", flow_steps)
     with EXPORT_LOCK:  # looked at again under the lock: a thread that waited may find it written
         found = read_sidecar(path)
-        current = found and found.get("model_sha256") == checkpoint.metadata.get("sha256")
+        current = (found and found.get("model_sha256") == checkpoint.metadata.get("sha256")
+                   and found.get("sampler_code_sha256") == sampler_code_sha256())
         if current and found.get("flow_steps") == flow_steps:
             return path
         log.info("onnxruntime: %s ONNX export at %s (flow_steps=%d); this takes a while",
@@ -380,6 +395,7 @@ def tensorrt_cache_key(checkpoint: Checkpoint, flow_steps: int, max_batch: int, 
     goal_shape = [config.image_size, config.image_size, 3] if config.goal_mode == "image" else [config.goal_dim]
     return {
         "model_sha256": checkpoint.metadata.get("sha256", ""),
+        "sampler_code_sha256": sampler_code_sha256(),
         "tensorrt": tensorrt.__version__,
         "torch_tensorrt": torch_tensorrt.__version__,
         "torch": torch.__version__,

@@ -140,6 +140,19 @@ def test_auto_goes_on_past_an_engine_that_breaks(tmp_path, caplog):
     assert not isinstance(raised.value, EngineUnavailable)
 
 
+def test_an_onnx_artifact_from_other_sampler_code_is_exported_again(tmp_path, caplog):
+    path = tiny_checkpoint("oracle", tmp_path)
+    load_engine(path, "onnxruntime", "cpu", flow_steps=2)
+    sidecar = artifact_path(default_artifacts_dir(path), "onnx", 2).with_suffix(".onnx.json")
+    key = json.loads(sidecar.read_text())
+    assert len(key["sampler_code_sha256"]) == 64
+    sidecar.write_text(json.dumps(dict(key, sampler_code_sha256="0" * 64)))  # made by older code
+    with caplog.at_level("INFO", logger="cfgrl_ros.engines"):
+        load_engine(path, "onnxruntime", "cpu", flow_steps=2)
+    assert "refreshing stale ONNX export" in caplog.text
+    assert json.loads(sidecar.read_text())["sampler_code_sha256"] == key["sampler_code_sha256"]
+
+
 def test_unknown_backend_is_a_clear_error(checkpoint):
     with pytest.raises(ValueError, match=r"unknown backend 'tensorflow'; available: torch, compiled"):
         load_engine(checkpoint, "tensorflow")
