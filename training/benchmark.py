@@ -216,8 +216,12 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(pool.submit(benchmark_engine, checkpoint, backend, args.device, args.flow_steps,
                                            args.iterations, args.batches, args.min_seconds, args.threads).result())
     title = f"policy: {args.checkpoint or f'random init, visual-cube shapes, {args.goal_mode} goals'}"
+    memory_note = ("peak GPU memory is torch's allocator only (TensorRT and onnxruntime allocate their own)"
+                   if args.device.startswith("cuda") else "peak RSS includes each engine's load (export, compile)")
     report = "\n".join([title, "", machine_description(args.device, args.threads), "",
-                        markdown_table(results, args.flow_steps, args.batches, args.device)])
+                        markdown_table(results, args.flow_steps, args.batches, args.device), "",
+                        f"Latency: median and p99 of {args.iterations} timed batch-1 calls per step count (p99 of "
+                        f"fewer than 1000 calls is close to the maximum); {memory_note}."])
     print(report)
     if args.out:
         Path(args.out).write_text(report + "\n")
