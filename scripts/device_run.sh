@@ -183,6 +183,9 @@ headline() {
       --out /tmp/cfgrl-fp16 && cp /tmp/cfgrl-fp16/policy_fp16.safetensors "$OUT/policy-fp16.safetensors"
   else
     log "headline: no report; the stage records above say how far it got"
+    # An evaluation cut short leaves the success of its complete episode rounds.
+    [[ -f $run/eval/partial-results.json ]] &&
+      { printf -- '- partial evaluation: '; tr -d '\n ' <"$run/eval/partial-results.json"; echo; } >>"$FIGURES"
   fi
   ((REHEARSAL)) || check_engines 90 200 torch,cuda_graph  # with the time left: the node's latency
 }

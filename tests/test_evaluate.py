@@ -304,3 +304,32 @@ def test_a_stuck_env_worker_is_an_error_not_a_hang(monkeypatch):
             assert time.monotonic() - start < 30
         finally:
             os.kill(pool.processes[1].pid, signal.SIGCONT)
+
+
+def test_partial_results_count_only_complete_rounds():
+    """Successful episodes end first: an unfinished round must not count, or success is overstated."""
+    episodes = [dict(w=w, task=t, episode=k, success=(w == 3.0)) for k in range(2) for t in (1, 2) for w in (1.0, 3.0)]
+    episodes += [dict(w=3.0, task=1, episode=2, success=True)]  # round 2 only begun
+    partial = ev.partial_results(episodes, [1.0, 3.0], [1, 2])
+    assert partial["complete_rounds"] == 2 and partial["episodes_per_w"] == 4 and partial["episodes_finished"] == 9
+    assert partial["overall"]["1"]["successes"] == 0 and partial["overall"]["3"]["successes"] == 4
+
+
+def test_an_interrupted_sweep_leaves_its_partial_results(tmp_path):
+    import os
+    import signal
+    import threading
+
+    engine = random_engine(action_dim=2, goal_dim=2, image_size=16)
+    path = tmp_path / "partial-results.json"
+    timer = threading.Timer(2.0, lambda: os.kill(os.getpid(), signal.SIGINT))  # as `timeout --signal=INT` does
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ev.evaluate(engine, "pointreach", [1.0, 3.0], episodes_per_task=10_000, tasks=(1, 2), workers=0,
+                        envs_per_worker=8, flow_steps=2, progress=False, partial_path=path)
+    finally:
+        timer.cancel()
+    partial = json.loads(path.read_text())
+    assert partial["partial"] and partial["episodes_finished"] > 0
+    assert partial["episodes_per_w"] == 2 * partial["complete_rounds"]

@@ -413,8 +413,13 @@ def evaluate(
     max_steps: int | None = None,
     checkpoint: str = "",
     progress: bool = True,
+    partial_path: str | os.PathLike | None = None,
 ) -> dict:
-    """Run every (w, task, episode) of the sweep and return `summarize`'s results dict."""
+    """Run every (w, task, episode) of the sweep and return `summarize`'s results dict.
+
+    Interrupted (Ctrl-C, or `timeout`'s SIGINT), it first writes what it has to `partial_path` if
+    given (see `partial_results`), then raises KeyboardInterrupt again.
+    """
     ws = [float(w) for w in ws]
     tasks = [int(task) for task in tasks]
     check_sweep(env_name, ws, tasks, episodes_per_task, flow_steps, seed, workers, envs_per_worker, max_steps)
@@ -432,10 +437,16 @@ def evaluate(
         sweep = LockstepSweep(engine, pool, num_slots, rows, tasks, seed, flow_steps, max_steps, env_name)
         sweep.start_rows(np.arange(num_slots))
         stepping_start = time.perf_counter()  # env steps/s counts the loop, not the workers' start-up
-        while sweep.live:
-            bar.update(sweep.step())
-            rate = sweep.env_steps / (time.perf_counter() - stepping_start)
-            bar.set_postfix(live=sweep.live, env_steps_s=f"{rate:.1f}")
+        try:
+            while sweep.live:
+                bar.update(sweep.step())
+                rate = sweep.env_steps / (time.perf_counter() - stepping_start)
+                bar.set_postfix(live=sweep.live, env_steps_s=f"{rate:.1f}")
+        except KeyboardInterrupt:
+            if partial_path is not None:
+                Path(partial_path).parent.mkdir(parents=True, exist_ok=True)
+                Path(partial_path).write_text(json.dumps(partial_results(sweep.episodes, ws, tasks), indent=1))
+            raise
     now = time.perf_counter()
     episodes = sorted(sweep.episodes, key=lambda e: (e["w"], e["task"], e["episode"]))
     return summarize(
@@ -445,6 +456,24 @@ def evaluate(
         wall_time_s=round(now - start, 3), env_steps=sweep.env_steps,
         env_steps_per_s=round(sweep.env_steps / (now - stepping_start), 2),
     )
+
+
+def partial_results(episodes: Sequence[Mapping[str, Any]], ws: Sequence[float], tasks: Sequence[int]) -> dict:
+    """Success per w over the complete episode rounds of an interrupted sweep.
+
+    Only rounds k in which every (w, task) episode k finished count: successful episodes end early, so
+    all finished episodes would overstate success. Rounds run in order, so the first ones complete first.
+    """
+    done = {(e["w"], e["task"], e["episode"]): e["success"] for e in episodes}
+    rounds = 0
+    while all((w, task, rounds) in done for w in ws for task in tasks):
+        rounds += 1
+    per_w = {}
+    for w in ws:
+        successes = sum(done[(w, task, k)] for task in tasks for k in range(rounds))
+        per_w[f"{w:g}"] = proportion(int(successes), rounds * len(tasks)) if rounds else None
+    return {"partial": True, "complete_rounds": rounds, "episodes_finished": len(episodes),
+            "episodes_per_w": rounds * len(tasks), "overall": per_w}
 
 
 # ---------------------------------------------------------------------------------------------

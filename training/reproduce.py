@@ -401,8 +401,10 @@ def evaluation_stage(plan: Plan, trained: StageRecord) -> tuple[dict, StageBody,
               "evaluation": {key: settings.get(key) for key in EVALUATION_RESULT_KEYS}}
 
     def body(resuming: bool) -> tuple[dict, dict]:
+        (directory / "partial-results.json").unlink(missing_ok=True)  # from an earlier, interrupted attempt
         engine = load_engine(str(checkpoint), plan.backend, plan.device, flow_steps=settings.get("flow_steps", 16))
         results = evaluate(engine, plan.env_id, settings["ws"], checkpoint=str(checkpoint),
+                           partial_path=directory / "partial-results.json",
                            **{k: v for k, v in settings.items() if k != "ws"})
         paths = write_report(results, directory)
         summary = {key: results[key] for key in ("wall_time_s", "env_steps", "env_steps_per_s", "max_steps",
