@@ -450,7 +450,8 @@ def build_tensorrt(checkpoint: Checkpoint, flow_steps: int, path: str | Path, de
     log.warning("tensorrt: build took %.1f s", time.perf_counter() - start)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+    # Written beside, under a name that keeps the suffix (loaders may look at it), kept once verified.
+    partial = path.with_name(f".tmp{os.getpid()}-{threading.get_ident()}.{path.name}")
     # Batch-2 examples and the batch dimension declared dynamic: saving re-exports the module, and an
     # export from batch-1 examples alone would specialise the program to batch 1.
     example = _with_image_dtype(checkpoint.config, example_inputs(checkpoint.config, 2, device), torch.float16)

@@ -242,10 +242,22 @@ def test_lockstep_episode_through_the_real_policy_node(ros_session, ros_env, tmp
 def test_realtime_clock_counts_missed_ticks(ros_session, ros_env, tmp_path):
     from cfgrl_ros.nodes.processes import SIM_MODULE
 
-    parameters = {"env_name": "pointreach", "max_episode_steps": 6, "clock": "realtime", "control_rate_hz": 20.0}
+    from std_srvs.srv import Trigger
+
+    from cfgrl_ros.nodes import bridge
+
+    # No autostart: a 0.3 s episode would end before a slow discovery matched our result subscription.
+    parameters = {"env_name": "pointreach", "max_episode_steps": 6, "clock": "realtime", "control_rate_hz": 20.0,
+                  "autostart": False}
     sim = start(ros_session, SIM_MODULE, parameters, tmp_path, "sim", ros_env)
     policy = FakePolicy()
-    policy.wait(lambda: policy.results, "the episode to run out", STARTUP_S, [sim])
+    client = policy.node.create_client(Trigger, "reset")
+    policy.wait(lambda: client.service_is_ready() and policy.node.count_publishers(bridge.RESULT_TOPIC) >= 1,
+                "the sim's reset service and result topic", STARTUP_S, [sim])
+    future = client.call_async(Trigger.Request())
+    policy.wait(future.done, "the reset", processes=[sim])
+    assert future.result().success, future.result().message
+    policy.wait(lambda: policy.results, "the episode to run out", processes=[sim])
     result = policy.results[0]
     assert result["clock"] == "realtime" and result["steps"] == 6
     assert result["missed_ticks"] == 6  # nobody sent an action: every tick repeated the last (zero) one
