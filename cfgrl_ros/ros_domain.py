@@ -45,6 +45,10 @@ def claim_domain_id(ids: range = TOOL_DOMAIN_IDS) -> tuple[int, int]:
     raise RuntimeError(f"all ROS domain ids {ids[0]}-{ids[-1]} are held by other cfgrl_ros processes")
 
 
+# What set_loopback_only sets or removes (tests record them first, to restore them afterwards).
+ROS_ISOLATION_VARIABLES = ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_STATIC_PEERS", "ROS_LOCALHOST_ONLY")
+
+
 def set_loopback_only(env: MutableMapping[str, str], domain_id: int) -> None:
     """Discovery over loopback only, in `domain_id`; peer settings that would widen it are removed."""
     env["ROS_DOMAIN_ID"] = str(domain_id)

@@ -16,10 +16,7 @@ from typing import Iterator
 
 import pytest
 
-from cfgrl_ros.ros_domain import TEST_DOMAIN_IDS, claim_domain_id, set_loopback_only
-
-# What set_loopback_only sets or removes: recorded by monkeypatch first, so every test undoes it.
-ROS_ISOLATION_VARIABLES = ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_STATIC_PEERS", "ROS_LOCALHOST_ONLY")
+from cfgrl_ros.ros_domain import ROS_ISOLATION_VARIABLES, TEST_DOMAIN_IDS, claim_domain_id, set_loopback_only
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

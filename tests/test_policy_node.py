@@ -290,9 +290,7 @@ def ros_domain(tmp_path_factory):
     if rclpy_unavailable_reason():
         pytest.skip(rclpy_unavailable_reason())  # the requires_rclpy tests that use this are skipped already
     import rclpy
-    from conftest import ROS_ISOLATION_VARIABLES
-
-    from cfgrl_ros.ros_domain import TEST_DOMAIN_IDS, claim_domain_id, set_loopback_only
+    from cfgrl_ros.ros_domain import ROS_ISOLATION_VARIABLES, TEST_DOMAIN_IDS, claim_domain_id, set_loopback_only
 
     domain_id, lock_fd = claim_domain_id(TEST_DOMAIN_IDS)
     log_dir = tmp_path_factory.mktemp("ros_log")

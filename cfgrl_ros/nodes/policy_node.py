@@ -113,11 +113,10 @@ class PolicyNode(LifecycleNode):
         self.flow_steps_note = ""
         self.fallback_reason = ""
         self.frames: Mailbox[Frame] = Mailbox()
-        self.worker: InferenceWorker | None = None
         # Only this activation's worker acts and publishes (and deactivation its final stop action): a step
         # still running after its stop() timed out never publishes, nor leaves an action to hold.
+        self.worker: InferenceWorker | None = None  # replaced under _publish_lock
         self._publish_lock = threading.Lock()
-        self._publishing_worker: InferenceWorker | None = None
         self._observation: Observation | None = None  # newest decoded frame; inference thread only
         self._frame_unacted = False  # _observation has not produced an action yet; inference thread only
         self._goal: Goal | None = None
@@ -285,10 +284,10 @@ class PolicyNode(LifecycleNode):
     def _start_acting(self) -> None:
         self._trigger = trigger = self.param("trigger")
         rate = self.param("control_rate_hz")
-        self.worker = InferenceWorker(self._control_step, self._on_worker_error,
-                                      min_interval_s=1.0 / rate if trigger == "image" else 0.0)
+        worker = InferenceWorker(self._control_step, self._on_worker_error,
+                                 min_interval_s=1.0 / rate if trigger == "image" else 0.0)
         with self._publish_lock:
-            self._publishing_worker = self.worker
+            self.worker = worker
         self.worker.start()
         self._subscribe()
         # timer trigger: every tick computes. image trigger: images kick the worker; the timer only
@@ -332,12 +331,10 @@ class PolicyNode(LifecycleNode):
             self.destroy_timer(self._control_timer)
             self._control_timer = None
         with self._publish_lock:  # waits out a publish in progress; none follows
-            self._publishing_worker = None
-        if self.worker is not None:
-            if not self.worker.stop(timeout_s=WORKER_STOP_TIMEOUT_S):
-                self.get_logger().error(f"the inference step did not finish within {WORKER_STOP_TIMEOUT_S:g} s; "
-                                        "it is left to end on its own and can no longer publish")
-            self.worker = None
+            worker, self.worker = self.worker, None
+        if worker is not None and not worker.stop(timeout_s=WORKER_STOP_TIMEOUT_S):
+            self.get_logger().error(f"the inference step did not finish within {WORKER_STOP_TIMEOUT_S:g} s; "
+                                    "it is left to end on its own and can no longer publish")
         for subscription in self._subscriptions_active:
             self.destroy_subscription(subscription)
         self._subscriptions_active = []
@@ -534,7 +531,7 @@ class PolicyNode(LifecycleNode):
 
     def _superseded(self) -> bool:
         """True on a worker thread that is not the active one (a step that outlived its deactivation)."""
-        worker = self._publishing_worker
+        worker = self.worker
         return worker is None or not worker.on_own_thread()
 
     def _on_worker_error(self, error: BaseException) -> None:
