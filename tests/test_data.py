@@ -327,6 +327,36 @@ def test_malformed_content_raises(tmp_path, kind, message):
     assert not list(tmp_path.glob("*.observations.*.npy"))  # validated before anything is decompressed
 
 
+def test_a_saved_compact_dataset_loads_as_it_is(tmp_path):
+    original = tmp_path / "orig.npz"
+    np.savez_compressed(original, **make_arrays())
+    compact = ogbench.load_dataset(str(original), ob_dtype=np.uint8, compact_dataset=True, add_info=True)
+    np.savez_compressed(tmp_path / "saved.npz", **compact)
+    ours, reference = load_dataset(tmp_path / "saved.npz"), load_dataset(original)
+    np.testing.assert_array_equal(ours.terminals, reference.terminals)
+    np.testing.assert_array_equal(ours.valids, reference.valids)
+    np.testing.assert_array_equal(goal_end_indices(ours.terminals), goal_end_indices(reference.terminals))
+
+    compact["valids"][3] = 0.0  # no longer what compacting the original gives
+    np.savez_compressed(tmp_path / "bad.npz", **compact)
+    with pytest.raises(DatasetError, match="terminals and valids disagree at row 2"):
+        load_dataset(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("form, message", [
+    ("compact without valids", "rows 4 and 5 are both terminal .5 such pairs.*already in compact form"),
+    ("transitions", "holds next_observations.*compact_dataset=False"),
+])
+def test_already_processed_terminals_are_refused(tmp_path, form, message):
+    original = tmp_path / "orig.npz"
+    np.savez_compressed(original, **make_arrays())
+    processed = ogbench.load_dataset(str(original), ob_dtype=np.uint8, compact_dataset=form != "transitions")
+    processed.pop("valids", None)
+    np.savez_compressed(tmp_path / "processed.npz", **processed)
+    with pytest.raises(DatasetError, match=message):
+        load_dataset(tmp_path / "processed.npz")
+
+
 # --- cache and fingerprint -----------------------------------------------------------------------
 
 def test_observations_are_decompressed_once_and_memory_mapped(tmp_path):

@@ -5,6 +5,9 @@ observations (N,H,W,3) uint8, actions (N,A) float, terminals (N,) (true on each 
 optional qpos, qvel, button_states and oracle_reps (N,G) (goal vectors, the paper's `-oraclerep`).
 `valids` and the compact `terminals` are computed exactly as `ogbench.load_dataset(...,
 compact_dataset=True)` does: an episode's last row has no next state, so it is never sampled.
+A file saved from that function's output (with its `valids`) is read as it is; compact terminals
+without `valids`, or a file with `next_observations` (the transition form), are refused, since
+compacting them again would shift every episode boundary by a row.
 
 Memory: `np.load` on a compressed npz decompresses a member into RAM on every access. Instead the
 `observations` member (itself a .npy file) is streamed once, in chunks, into an uncompressed .npy
@@ -130,7 +133,12 @@ def load_dataset(
             if missing:
                 raise DatasetError(f"{path}: missing keys {missing} (found {sorted(keys)})")
             num_rows = _check_observations_header(path, archive)
-            arrays = {key: _read_member(archive, key) for key in (*REQUIRED_KEYS[1:], *OPTIONAL_KEYS) if key in keys}
+            if "next_observations" in keys:
+                raise DatasetError(f"{path}: holds next_observations, so it was saved from "
+                                   "ogbench.load_dataset(compact_dataset=False), whose rows are transitions with "
+                                   "each episode's last state removed; use the original file")
+            arrays = {key: _read_member(archive, key)
+                      for key in (*REQUIRED_KEYS[1:], *OPTIONAL_KEYS, "valids") if key in keys}
             _validate(path, num_rows, arrays)
             cache = _observations_cache(path, archive, cache_dir)
         observations = np.load(cache, mmap_mode="r")  # a header that claims more rows than stored fails here
@@ -138,12 +146,10 @@ def load_dataset(
         raise
     except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as error:  # ValueError: bad .npy content
         raise DatasetError(f"{path}: not a readable .npz archive (corrupt or truncated?): {error}") from error
-    terminals = arrays["terminals"].astype(np.float32)
-    # Exactly ogbench.load_dataset(compact_dataset=True): the row before each episode end becomes
-    # terminal too, and each episode's last row is invalid (it has no next observation).
-    valids = 1.0 - terminals
-    next_terminals = np.concatenate([terminals[1:], [1.0]])
-    terminals = np.minimum(terminals + next_terminals, 1.0).astype(np.float32)
+    if "valids" in arrays:  # saved from ogbench.load_dataset(compact_dataset=True): already compact
+        terminals, valids = arrays["terminals"].astype(np.float32), arrays["valids"].astype(np.float32)
+    else:
+        terminals, valids = compact_terminals(arrays["terminals"])
     optional = {key: arrays[key] for key in OPTIONAL_KEYS if key in arrays}
     if "oracle_reps" in optional:
         optional["oracle_reps"] = optional["oracle_reps"].astype(np.float32, copy=False)
@@ -156,6 +162,15 @@ def load_dataset(
         env_name=env_name,
         **optional,
     )
+
+
+def compact_terminals(terminals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(terminals, valids) exactly as ogbench.load_dataset(compact_dataset=True) makes them: the row
+    before each episode end becomes terminal too, and each episode's last row is invalid (it has no
+    next observation)."""
+    terminals = terminals.astype(np.float32)
+    next_terminals = np.concatenate([terminals[1:], [1.0]])
+    return np.minimum(terminals + next_terminals, 1.0).astype(np.float32), 1.0 - terminals
 
 
 def _check_observations_header(path: Path, archive: zipfile.ZipFile) -> int:
@@ -205,6 +220,27 @@ def _validate(path: Path, num_rows: int, arrays: dict[str, np.ndarray]) -> None:
         raise DatasetError(f"{path}: terminals must be a 0/1 (N,) array, got {terminals.dtype} {terminals.shape}")
     if not terminals[-1]:
         raise DatasetError(f"{path}: the last row is not marked terminal (no episode boundary at the end; truncated?)")
+    if "valids" in arrays:
+        _check_compact(path, terminals, arrays["valids"])
+        return
+    (pairs,) = np.nonzero(terminals[:-1].astype(bool) & terminals[1:].astype(bool))
+    if len(pairs):  # loading would compact them a second time, shifting every goal and validity by a row
+        raise DatasetError(
+            f"{path}: rows {pairs[0]} and {pairs[0] + 1} are both terminal ({len(pairs)} such pairs): either an "
+            "episode of one row, which has no transition (drop it), or terminals already in compact form, "
+            "saved from ogbench.load_dataset(compact_dataset=True) without its 'valids' (save the original "
+            "terminals, true only on each episode's last row, or the valids with them)")
+
+
+def _check_compact(path: Path, terminals: np.ndarray, valids: np.ndarray) -> None:
+    """A saved compact dataset must be what compacting its original terminals (1 - valids) gives."""
+    if valids.shape != terminals.shape or not np.isin(valids, (0, 1)).all():
+        raise DatasetError(f"{path}: valids must be a 0/1 (N,) array like terminals, got {valids.dtype} {valids.shape}")
+    expected, _ = compact_terminals(1.0 - valids.astype(np.float32))
+    if not np.array_equal(terminals.astype(np.float32), expected):
+        row = int(np.flatnonzero(terminals != expected)[0])
+        raise DatasetError(f"{path}: terminals and valids disagree at row {row}: a compact dataset's terminals "
+                           "mark each episode's last two rows and valids is 0 on its last row only")
 
 
 def _observations_cache(path: Path, archive: zipfile.ZipFile, cache_dir: str | os.PathLike | None) -> Path:
