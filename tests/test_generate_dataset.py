@@ -45,6 +45,8 @@ def paths(cfg: gen.GenerationConfig, out_dir: Path) -> tuple[Path, Path, Path, P
 def test_output_loads_through_ogbench_and_the_project_loader(reference, tmp_path):
     import ogbench
 
+    from training.data import compact_terminals
+
     train_path, val_path, _, record_path = paths(TINY, reference)
     assert train_path.name == 'visual-cube-single-play-v0.npz' and val_path.name == 'visual-cube-single-play-v0-val.npz'
     for path, episodes in ((train_path, 2), (val_path, 1)):
@@ -60,6 +62,11 @@ def test_output_loads_through_ogbench_and_the_project_loader(reference, tmp_path
             np.testing.assert_array_equal(raw['oracle_reps'], oracle_goals('cube-single', raw['qpos']))  # as ogbench computes
             assert raw['observations'].std() > 10  # real frames, not blanks
     assert (reference / 'preview.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    with np.load(train_path) as raw:  # the preview's goals are goals training could draw
+        rows, goals = gen.preview_goal_pairs(compact_terminals(raw['terminals'])[0], TINY.episode_length, 2)
+    assert rows.tolist() == [0, 3, 6, 10, 13, 16]
+    episode_ends = rows - rows % 10 + 8  # the last valid row: the final row has no next state, never a goal
+    assert ((goals > rows) & (goals <= episode_ends)).all()
     assert '"transitions_produced": 30' in record_path.read_text()
 
     from training.data import load_dataset_pair

@@ -490,9 +490,25 @@ def _check_workers(processes: list) -> None:
 # Preview.
 
 
+def preview_goal_pairs(compact: np.ndarray, episode_length: int, num_episodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows at steps 0, L/3 and 2L/3 of the first episodes, and a goal row for each, drawn (seed 0) by
+    the training sampler's own rule from the compact terminals."""
+    import torch
+
+    from training.data import future_goal_indices, goal_end_indices
+
+    steps = (0, episode_length // 3, 2 * episode_length // 3)
+    rows = np.array([episode * episode_length + step for episode in range(num_episodes) for step in steps])
+    ends = torch.from_numpy(goal_end_indices(compact)[rows])
+    return rows, future_goal_indices(torch.from_numpy(rows), ends, torch.Generator().manual_seed(0)).numpy()
+
+
 def write_preview(dataset_path: Path, png_path: Path, episode_length: int, num_episodes: int = 4) -> None:
-    """A grid: first, middle and last frame of the first episodes, each titled with its oracle goal vector."""
+    """A grid of the first episodes: frames at three steps, each beside a goal drawn for it exactly as
+    training draws goals (a uniform future row of its episode), titled with that row's oracle goal."""
     import matplotlib
+
+    from training.data import compact_terminals
 
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -508,19 +524,25 @@ def write_preview(dataset_path: Path, png_path: Path, episode_length: int, num_e
                 break
         frames = np.concatenate(frames)[:wanted]
     with np.load(dataset_path) as npz:
-        goals = npz['oracle_reps'][:wanted]
+        oracle = npz['oracle_reps'][:wanted] if 'oracle_reps' in npz else None
+        terminals, _ = compact_terminals(npz['terminals'][:wanted])
 
-    steps = (0, episode_length // 2, episode_length - 1)
-    fig, axes = plt.subplots(num_episodes, len(steps), figsize=(2.6 * len(steps), 2.8 * num_episodes), squeeze=False)
-    for episode in range(num_episodes):
-        for col, step in enumerate(steps):
-            row = episode * episode_length + step
-            ax = axes[episode, col]
-            ax.imshow(frames[row])
-            ax.set_axis_off()
-            goal = np.array2string(goals[row], precision=2, separator=',', max_line_width=36)
-            ax.set_title(f'ep {episode} t={step}\ngoal {goal}', fontsize=6)
-    fig.suptitle(f'{dataset_path.name}: frames and their oracle goals', fontsize=8)
+    rows, goals = preview_goal_pairs(terminals, episode_length, num_episodes)
+    pairs = len(rows) // num_episodes
+    fig, axes = plt.subplots(num_episodes, 2 * pairs, figsize=(4.4 * pairs, 2.5 * num_episodes), squeeze=False)
+    for ax, row, goal in zip(axes.reshape(-1, 2), rows, goals):
+        episode, step = divmod(int(row), episode_length)
+        ax[0].imshow(frames[row])
+        ax[0].set_title(f'ep {episode} t={step}', fontsize=7)
+        ax[1].imshow(frames[goal])
+        title = f'its goal: t={goal - episode * episode_length}'
+        if oracle is not None:
+            title += '\n' + np.array2string(oracle[goal], precision=2, separator=',', max_line_width=30)
+        ax[1].set_title(title, fontsize=6, color='tab:green')
+        for side in ax:
+            side.set_axis_off()
+    fig.suptitle(f'{dataset_path.name}: frames and training goals (uniform future rows; oracle goal below)',
+                 fontsize=8)
     fig.tight_layout()
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=120)
