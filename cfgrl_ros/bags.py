@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import mmap
 import os
+import shutil
+import struct
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 from rosbags.rosbag2 import Reader, ReaderError, StoragePlugin, Writer
+from rosbags.rosbag2.storage_mcap import decompress
 from rosbags.typesys import Stores, get_typestore, get_types_from_msg
 from rosbags.typesys.store import Typestore
 
@@ -147,6 +151,102 @@ def bag_topics(path: str | os.PathLike) -> dict[str, tuple[str, int]]:
             return {topic: (info.msgtype, info.msgcount) for topic, info in reader.topics.items()}
     except ReaderError as error:
         raise BagError(f"{path}: cannot read the bag ({error})") from error
+
+
+# --- recovery of a bag whose recorder was killed ----------------------------------------------------
+# Such a bag has no metadata.yaml and its .mcap file ends without MCAP's summary and footer, so no reader
+# opens it. Every chunk the writer finished (about 1 MiB of messages each) is still complete in the file:
+# reading the records in file order up to the first one cut short recovers them.
+
+_MCAP_MAGIC = b"\x89MCAP0\r\n"
+_SCHEMA, _CHANNEL, _MESSAGE, _CHUNK = 0x03, 0x04, 0x05, 0x06
+
+
+def _mcap_records(data: memoryview) -> Iterator[tuple[int, memoryview]]:
+    """(opcode, content) of each complete record in `data`; ends at a record cut short."""
+    offset = 0
+    while offset + 9 <= len(data):
+        opcode, length = struct.unpack_from("<BQ", data, offset)
+        end = offset + 9 + length
+        if end > len(data):
+            return
+        yield opcode, data[offset + 9 : end]
+        offset = end
+
+
+def _mcap_string(record: memoryview, offset: int) -> tuple[str, int]:
+    (length,) = struct.unpack_from("<I", record, offset)
+    return bytes(record[offset + 4 : offset + 4 + length]).decode(), offset + 4 + length
+
+
+def _mcap_messages(data: memoryview) -> Iterator[tuple[str, str, int, bytes]]:
+    """(topic, msgtype, log time, CDR bytes) of every message in complete records, in file order."""
+    schemas: dict[int, str] = {}
+    channels: dict[int, tuple[str, str]] = {}
+    for opcode, record in _mcap_records(data):
+        if opcode == _CHUNK:
+            _start, _end, size, crc = struct.unpack_from("<QQQI", record)
+            compression, offset = _mcap_string(record, 28)
+            (length,) = struct.unpack_from("<Q", record, offset)
+            inner = decompress(bytes(record[offset + 8 : offset + 8 + length]), compression, size, crc)
+            records = _mcap_records(memoryview(inner))
+        else:
+            records = iter([(opcode, record)])
+        for inner_opcode, inner_record in records:
+            if inner_opcode == _SCHEMA:
+                (schema_id,) = struct.unpack_from("<H", inner_record)
+                schemas[schema_id], _ = _mcap_string(inner_record, 2)
+            elif inner_opcode == _CHANNEL:
+                channel_id, schema_id = struct.unpack_from("<HH", inner_record)
+                topic, _ = _mcap_string(inner_record, 4)
+                channels[channel_id] = (topic, schemas[schema_id])
+            elif inner_opcode == _MESSAGE:
+                channel_id, _sequence, log_time, _publish_time = struct.unpack_from("<HIQQ", inner_record)
+                yield (*channels[channel_id], log_time, bytes(inner_record[22:]))
+
+
+def recover_bag(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, int]:
+    """Copy the messages of every complete chunk of a killed recorder's bag into a new bag `out`.
+
+    The damaged bag is left as it is. Returns messages per topic; the last chunk the writer had not
+    finished (up to about 1 MiB of the newest messages) is lost. Any failure is a BagError.
+    """
+    path, out = Path(path), Path(out)
+    files = sorted(path.glob("*.mcap")) if path.is_dir() else []
+    if len(files) != 1:
+        raise BagError(f"{path}: expected a bag directory holding one .mcap file, found {[f.name for f in files]}")
+    if out.exists():
+        raise BagError(f"{out} exists; rosbag2 bags are never overwritten, choose a new path")
+    try:
+        with open(files[0], "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            if mapped[: len(_MCAP_MAGIC)] != _MCAP_MAGIC:
+                raise BagError(f"{files[0]} is not an MCAP file")
+            counts = _copy_messages(memoryview(mapped)[len(_MCAP_MAGIC) :], files[0], out)
+    except Exception as error:
+        if out.exists():  # never leave a partial copy that looks like a recovered bag
+            shutil.rmtree(out)
+        if isinstance(error, BagError):
+            raise
+        if isinstance(error, (ValueError, KeyError, struct.error, UnicodeDecodeError, ReaderError, OSError)):
+            raise BagError(f"{files[0]}: cannot recover the bag ({type(error).__name__}: {error})") from error
+        raise
+    return counts
+
+
+def _copy_messages(view: memoryview, source: Path, out: Path) -> dict[str, int]:
+    messages = _mcap_messages(view)
+    try:
+        with BagWriter(out) as writer:
+            for topic, msgtype, timestamp, data in messages:
+                if msgtype not in typestore().types:
+                    raise BagError(f"{source}: {topic} holds {msgtype}, which this reader does not know")
+                writer.write_cdr(topic, msgtype, timestamp, data)
+    finally:
+        messages.close()  # drops the generator's slices of the mapping, so it can be closed
+        view.release()
+    if not writer.counts:
+        raise BagError(f"{source}: no complete chunk of messages to recover")
+    return dict(writer.counts)
 
 
 def stamp_ns(stamp) -> int:

@@ -169,7 +169,88 @@ def test_compare_actions_statistics(tmp_path):
     assert json.loads((tmp_path / "replay_report.json").read_text())["comparison"]["mse"] == 1.0
 
 
+def test_a_bag_cut_short_is_recovered_up_to_its_last_complete_chunk(tmp_path):
+    images, goal = frames_and_goal(200)  # ~12 kB each: about 85 per 1 MiB chunk
+    write_bag(tmp_path / "bag", images, goal)
+    mcap = tmp_path / "bag" / "bag.mcap"
+    original = mcap.read_bytes()
+    (tmp_path / "bag" / "metadata.yaml").unlink()  # what a killed recorder leaves: no metadata...
+    mcap.write_bytes(original[: len(original) * 2 // 3])  # ...and a file that stops mid-record
+    with pytest.raises(bags.BagError, match="not a rosbag2 bag"):
+        list(bags.read_bag(tmp_path / "bag"))
+
+    counts = bags.recover_bag(tmp_path / "bag", tmp_path / "recovered")
+    assert counts["/goal/vector"] == 1 and 85 <= counts["/camera/image"] < 200
+    recovered = bag_frames(tmp_path / "recovered")
+    assert len(recovered) == counts["/camera/image"]
+    assert all((frame.image == image).all() for frame, image in zip(recovered, images))
+    assert mcap.read_bytes() == original[: len(original) * 2 // 3]  # the damaged bag is left as it was
+
+    write_bag(tmp_path / "whole", images, goal)  # a complete bag copies in full
+    assert bags.recover_bag(tmp_path / "whole", tmp_path / "whole-copy")["/camera/image"] == 200
+
+
+def test_bags_that_cannot_be_recovered_are_bag_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(bags.BagError, match="one .mcap file, found \\[\\]"):
+        bags.recover_bag(tmp_path / "empty", tmp_path / "out")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "junk.mcap").write_bytes(b"not an mcap file at all")
+    with pytest.raises(bags.BagError, match="not an MCAP file"):
+        bags.recover_bag(tmp_path / "junk", tmp_path / "out")
+    images, goal = frames_and_goal(3)
+    write_bag(tmp_path / "small", images, goal)
+    mcap = tmp_path / "small" / "small.mcap"
+    mcap.write_bytes(mcap.read_bytes()[:20_000])  # the only chunk (3 frames of 12 kB) is cut short
+    with pytest.raises(bags.BagError, match="no complete chunk"):
+        bags.recover_bag(tmp_path / "small", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # no partial copy left behind
+    with pytest.raises(bags.BagError, match="exists"):
+        bags.recover_bag(tmp_path / "small", tmp_path / "junk")
+
+
 # -------------------------------------------------------------------------------- over DDS
+@pytest.mark.requires_rclpy
+def test_a_killed_recorder_leaves_a_bag_that_recover_copies(ros_env, tmp_path):
+    """SIGKILL the real recorder after it took 200 frames over DDS; --recover gets its finished chunks."""
+    images, _ = frames_and_goal(200)
+    np.save(tmp_path / "images.npy", images)
+    recorder = subprocess.Popen([sys.executable, "-m", "cfgrl_ros.nodes.recorder", "--out", str(tmp_path / "bag")],
+                                env=ros_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    publisher = f"""
+import time, numpy as np, rclpy
+from rclpy.qos import QoSProfile
+from sensor_msgs.msg import Image
+rclpy.init()
+node = rclpy.create_node("frames")
+pub = node.create_publisher(Image, "camera/image", QoSProfile(depth=300))
+deadline = time.monotonic() + 60
+while pub.get_subscription_count() == 0 and time.monotonic() < deadline:
+    time.sleep(0.05)
+assert pub.get_subscription_count(), "the recorder never subscribed"
+for image in np.load({str(tmp_path / "images.npy")!r}):
+    pub.publish(Image(height=64, width=64, encoding="rgb8", step=192, data=image.tobytes()))
+    time.sleep(0.002)
+time.sleep(2.0)  # reliable delivery of the last frames
+"""
+    try:
+        completed = subprocess.run([sys.executable, "-c", publisher], env=ros_env, capture_output=True, text=True,
+                                   timeout=120)
+        assert completed.returncode == 0, completed.stdout + completed.stderr
+    finally:
+        recorder.kill()
+        log = recorder.communicate(timeout=30)[0]
+    assert not (tmp_path / "bag" / "metadata.yaml").exists(), log
+
+    from cfgrl_ros.nodes import recorder as recorder_module
+
+    assert recorder_module.main(["--recover", str(tmp_path / "bag")]) == 0
+    recovered = [image_to_rgb(item.message) for item in bags.read_bag(tmp_path / "bag-recovered")]
+    assert 85 <= len(recovered) < 200
+    assert all((frame == image).all() for frame, image in zip(recovered, images))
+    assert recorder_module.main(["--recover", str(tmp_path / "bag")]) == 1  # never overwrites the copy
+
+
 @pytest.mark.requires_rclpy
 def test_bag_written_replayed_and_compared(ros_env, tmp_path):
     """Replay a bag through the policy node recording a new bag, then replay that one through a fresh

@@ -6,8 +6,9 @@ receive time, like `ros2 bag record`. The camera is subscribed reliable by defau
 replay nodes publish reliable, and no frame is lost); a camera driver publishing best-effort (sensor
 QoS) needs `--camera-qos best_effort`, and an incompatible publisher is reported in the log.
 
-Run: python -m cfgrl_ros.nodes.recorder --out run1_bag  (Ctrl-C ends the recording; a killed recorder
-leaves a bag without metadata.yaml, which `ros2 bag reindex` rebuilds)
+Run: python -m cfgrl_ros.nodes.recorder --out run1_bag  (Ctrl-C ends the recording). A killed recorder
+leaves a bag no reader opens (no metadata.yaml, no MCAP summary); `--recover run1_bag` copies every
+chunk it finished (all but the last ~1 MiB of messages) into a new bag, run1_bag-recovered.
 """
 
 from __future__ import annotations
@@ -72,13 +73,29 @@ class TopicRecorder(Node):
         self.get_logger().info(f"bag closed: {self.writer.counts}")
 
 
+def recover(bag: str, out: str) -> int:
+    try:
+        counts = bags.recover_bag(bag, out)
+    except bags.BagError as error:
+        print(f"cfgrl_recorder: {error}", file=sys.stderr)
+        return 1
+    print(f"recovered {sum(counts.values())} messages into {out}: {counts}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="new rosbag2 directory to create")
+    parser.add_argument("--out", help="new rosbag2 directory to create (with --recover: default BAG-recovered)")
     parser.add_argument("--camera-qos", choices=sorted(CAMERA_QOS), default="reliable",
                         help="reliability of the camera subscription (best_effort for a sensor-QoS camera)")
+    parser.add_argument("--recover", metavar="BAG",
+                        help="do not record: copy what a killed recorder left in BAG into a new bag, and exit")
     args, ros_args = parser.parse_known_args(argv)
+    if args.recover:
+        return recover(args.recover, args.out or args.recover.rstrip("/") + "-recovered")
+    if args.out is None:
+        parser.error("--out is required (the new bag directory)")
     if Path(args.out).exists():
         parser.error(f"{args.out} exists; rosbag2 bags are never overwritten, choose a new path")
     rclpy.init(args=[sys.argv[0], *ros_args])
