@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,3 +95,19 @@ def test_ros_evaluation_agrees_with_the_direct_evaluator(pointreach_checkpoint, 
     assert json.loads(paths["json"].read_text())["evaluator"] == "ros"
     assert "| w | task 1 | task 2 | task 3 | task 4 | task 5 | overall |" in paths["markdown"].read_text()
     assert paths["plot"].stat().st_size > 0
+
+
+def test_command_line_mistakes_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    from cfgrl_ros.ros_domain import ROS_ISOLATION_VARIABLES
+    from training import ros_evaluate
+
+    for name in ROS_ISOLATION_VARIABLES:  # main() isolates its process: restore the test's environment after
+        monkeypatch.setenv(name, "")
+    default_policy = Path(__file__).resolve().parents[1] / "cfgrl_ros" / "data" / "default_policy.safetensors"
+    (tmp_path / "cut.safetensors").write_bytes(b"\x00" * 10)
+    for argv, message in ((["--policy", str(tmp_path / "cut.safetensors"), "--env", "pointreach"], "cut.safetensors"),
+                          (["--policy", str(default_policy), "--env", "pointreech"],
+                           "unknown env 'pointreech'")):
+        with pytest.raises(SystemExit) as exit_info:
+            ros_evaluate.main(argv + ["--ros-domain-id", "99"])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -32,11 +32,12 @@ from std_msgs.msg import String
 from std_srvs.srv import Trigger
 from tqdm import tqdm
 
-from cfgrl_ros.checkpoint import load_checkpoint
+from cfgrl_ros.checkpoint import CheckpointError, load_checkpoint
 from cfgrl_ros.nodes import bridge
 from cfgrl_ros.nodes.processes import POLICY_MODULE, SIM_MODULE, NodeProcess
 from cfgrl_ros.ros_domain import isolate_process
 from cfgrl_ros.sim import paired_policy_parameters
+from training.evaluate import EvaluationError as DirectEvaluationError
 from training.evaluate import POINTREACH, episode_limit, episode_seed, markdown_table, summarize, write_report
 
 SIM_NODE, POLICY_NODE = "cfgrl_sim", "cfgrl"
@@ -206,9 +207,12 @@ def main(argv: list[str] | None = None) -> None:
         isolate_process(args.ros_domain_id)
     except (ValueError, RuntimeError) as error:
         parser.error(str(error))
-    results = evaluate_through_ros(args.policy, args.env, args.w, episodes_per_task=args.episodes_per_task,
-                                   tasks=args.tasks, seed=args.seed, flow_steps=args.flow_steps,
-                                   max_steps=args.max_steps, shadow_size=args.shadow_size)
+    try:  # a bad checkpoint, env, task or w is a one-line error, not a traceback
+        results = evaluate_through_ros(args.policy, args.env, args.w, episodes_per_task=args.episodes_per_task,
+                                       tasks=args.tasks, seed=args.seed, flow_steps=args.flow_steps,
+                                       max_steps=args.max_steps, shadow_size=args.shadow_size)
+    except (EvaluationError, DirectEvaluationError, CheckpointError) as error:  # the env check is the direct one's
+        parser.error(str(error))
     out_dir = args.out_dir or Path(args.policy).parent / f"ros-eval-{args.env}"
     paths = write_report(results, out_dir)
     print(markdown_table(results))
