@@ -221,32 +221,32 @@ def recover_bag(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, in
         with open(files[0], "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             if mapped[: len(_MCAP_MAGIC)] != _MCAP_MAGIC:
                 raise BagError(f"{files[0]} is not an MCAP file")
-            counts = _copy_messages(memoryview(mapped)[len(_MCAP_MAGIC) :], files[0], out)
-    except Exception as error:
-        if out.exists():  # never leave a partial copy that looks like a recovered bag
-            shutil.rmtree(out)
-        if isinstance(error, BagError):
-            raise
-        if isinstance(error, (ValueError, KeyError, struct.error, UnicodeDecodeError, ReaderError, OSError)):
-            raise BagError(f"{files[0]}: cannot recover the bag ({type(error).__name__}: {error})") from error
+            return _copy_messages(memoryview(mapped)[len(_MCAP_MAGIC) :], files[0], out)
+    except BagError:
         raise
-    return counts
+    except (ValueError, KeyError, struct.error, UnicodeDecodeError, ReaderError, OSError) as error:
+        raise BagError(f"{files[0]}: cannot recover the bag ({type(error).__name__}: {error})") from error
 
 
 def _copy_messages(view: memoryview, source: Path, out: Path) -> dict[str, int]:
+    """Write the messages in `view` to the new bag `out`, which is removed again if anything fails."""
     messages = _mcap_messages(view)
+    writer = BagWriter(out)
     try:
-        with BagWriter(out) as writer:
+        with writer:
             for topic, msgtype, timestamp, data in messages:
                 if msgtype not in typestore().types:
                     raise BagError(f"{source}: {topic} holds {msgtype}, which this reader does not know")
                 writer.write_cdr(topic, msgtype, timestamp, data)
+        if not writer.counts:
+            raise BagError(f"{source}: no complete chunk of messages to recover")
+        return dict(writer.counts)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # never leave a partial copy that looks like a recovered bag
+        raise
     finally:
         messages.close()  # drops the generator's slices of the mapping, so it can be closed
         view.release()
-    if not writer.counts:
-        raise BagError(f"{source}: no complete chunk of messages to recover")
-    return dict(writer.counts)
 
 
 def stamp_ns(stamp) -> int:

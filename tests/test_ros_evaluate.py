@@ -97,17 +97,14 @@ def test_ros_evaluation_agrees_with_the_direct_evaluator(pointreach_checkpoint, 
     assert paths["plot"].stat().st_size > 0
 
 
-def test_command_line_mistakes_are_one_line_errors(tmp_path, capsys, monkeypatch):
-    from cfgrl_ros.ros_domain import ROS_ISOLATION_VARIABLES
+def test_command_line_mistakes_are_one_line_errors(ros_env, tmp_path, capsys):
     from training import ros_evaluate
 
-    for name in ROS_ISOLATION_VARIABLES:  # main() isolates its process: restore the test's environment after
-        monkeypatch.setenv(name, "")
     default_policy = Path(__file__).resolve().parents[1] / "cfgrl_ros" / "data" / "default_policy.safetensors"
     (tmp_path / "cut.safetensors").write_bytes(b"\x00" * 10)
     for argv, message in ((["--policy", str(tmp_path / "cut.safetensors"), "--env", "pointreach"], "cut.safetensors"),
                           (["--policy", str(default_policy), "--env", "pointreech"],
                            "unknown env 'pointreech'")):
         with pytest.raises(SystemExit) as exit_info:
-            ros_evaluate.main(argv + ["--ros-domain-id", "99"])
+            ros_evaluate.main(argv + ["--ros-domain-id", ros_env["ROS_DOMAIN_ID"]])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err

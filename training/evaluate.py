@@ -61,7 +61,9 @@ REPORT_FILES = {"json": "results.json", "csv": "results.csv", "markdown": "resul
 
 
 class EvaluationError(RuntimeError):
-    """The checkpoint and the environment do not fit together, or an env worker failed."""
+    """The checkpoint and the environment do not fit together, or an env worker failed; through ROS
+    (training/ros_evaluate.py), also: the nodes did not come up, refused a parameter, or an episode
+    did not finish in time."""
 
 
 class SweepSettingsError(EvaluationError, ValueError):

@@ -37,14 +37,18 @@ from cfgrl_ros.nodes import bridge
 from cfgrl_ros.nodes.processes import POLICY_MODULE, SIM_MODULE, NodeProcess
 from cfgrl_ros.ros_domain import isolate_process
 from cfgrl_ros.sim import paired_policy_parameters
-from training.evaluate import EvaluationError as DirectEvaluationError
-from training.evaluate import POINTREACH, episode_limit, episode_seed, markdown_table, summarize, write_report
+# One EvaluationError for both evaluators: the env checks here are the direct evaluator's own.
+from training.evaluate import (
+    POINTREACH,
+    EvaluationError,
+    episode_limit,
+    episode_seed,
+    markdown_table,
+    summarize,
+    write_report,
+)
 
 SIM_NODE, POLICY_NODE = "cfgrl_sim", "cfgrl"
-
-
-class EvaluationError(RuntimeError):
-    """The nodes did not come up, refused a parameter, or an episode did not finish in time."""
 
 
 class SimSession:
@@ -211,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         results = evaluate_through_ros(args.policy, args.env, args.w, episodes_per_task=args.episodes_per_task,
                                        tasks=args.tasks, seed=args.seed, flow_steps=args.flow_steps,
                                        max_steps=args.max_steps, shadow_size=args.shadow_size)
-    except (EvaluationError, DirectEvaluationError, CheckpointError) as error:  # the env check is the direct one's
+    except (EvaluationError, CheckpointError) as error:
         parser.error(str(error))
     out_dir = args.out_dir or Path(args.policy).parent / f"ros-eval-{args.env}"
     paths = write_report(results, out_dir)
