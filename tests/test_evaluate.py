@@ -204,6 +204,22 @@ def test_mismatched_checkpoint_and_bad_arguments_are_clear_errors(pointreach_che
         ev.evaluate(engine, "pointreach", [math.inf, 1.0], progress=False)
 
 
+@pytest.mark.parametrize("env_name, config, reason", [
+    ("pointreach", dict(action_dim=5, goal_dim=2, image_size=16), "takes 2-d actions, but the checkpoint gives 5-d"),
+    ("pointreach", dict(action_dim=2, goal_dim=3, image_size=16), "oracle goals of shape \\(2,\\)"),
+    ("visual-cube-single-v0", dict(action_dim=2, goal_dim=2, image_size=64), "takes 5-d actions"),
+    ("visual-cube-single-v0", dict(action_dim=5, goal_dim=2, image_size=64), "oracle goals of shape \\(3,\\)"),
+])
+def test_a_checkpoint_for_another_env_is_refused_from_one_reset(env_name, config, reason):
+    """What the ROS evaluator checks before it starts the nodes (which would wait forever on such a policy)."""
+    spec = ev.EnvSpec(env_name, "oracle", config["image_size"], 5)
+    with pytest.raises(ev.EvaluationError, match=reason):
+        ev.check_checkpoint_fits_env(PolicyConfig(**config), spec)
+    fitting = dict(action_dim=2, goal_dim=2, image_size=16) if env_name == "pointreach" else \
+        dict(action_dim=5, goal_dim=3, image_size=64)
+    ev.check_checkpoint_fits_env(PolicyConfig(**fitting), spec)
+
+
 @pytest.mark.parametrize("flags, reason", [
     (["--w", "nan"], "w must be finite numbers"),
     (["--w", "1", "3", "1.0"], "w values must be distinct, got \\[1.0, 3.0, 1.0\\]"),

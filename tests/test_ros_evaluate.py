@@ -104,7 +104,10 @@ def test_command_line_mistakes_are_one_line_errors(ros_env, tmp_path, capsys):
     (tmp_path / "cut.safetensors").write_bytes(b"\x00" * 10)
     for argv, message in ((["--policy", str(tmp_path / "cut.safetensors"), "--env", "pointreach"], "cut.safetensors"),
                           (["--policy", str(default_policy), "--env", "pointreech"],
-                           "unknown env 'pointreech'")):
+                           "unknown env 'pointreech'"),
+                          # the embedded PointReach policy on the cube arm: refused, not a 900 s hang
+                          (["--policy", str(default_policy), "--env", "visual-cube-single-v0"],
+                           "takes 5-d actions, but the checkpoint gives 2-d")):
         with pytest.raises(SystemExit) as exit_info:
             ros_evaluate.main(argv + ["--ros-domain-id", ros_env["ROS_DOMAIN_ID"]])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err

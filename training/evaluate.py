@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from cfgrl_ros.checkpoint import CheckpointError
 from cfgrl_ros.engines import BACKENDS, Engine, EngineUnavailable, load_engine, to_numpy
+from cfgrl_ros.policy import PolicyConfig
 from cfgrl_ros.sim import seed_goal_setup
 from training.pointreach import NUM_TASKS as POINTREACH_TASKS
 from training.pointreach import PointReachBatch, PointReachConfig
@@ -166,8 +167,7 @@ def _worker_main(connection: Any, spec: EnvSpec, num_envs: int) -> None:
             except Exception:
                 connection.send(("error", traceback.format_exc()))
     finally:
-        if hasattr(batch, "close"):
-            batch.close()
+        batch.close()
 
 
 class EnvPool:
@@ -248,7 +248,7 @@ class EnvPool:
         return payload
 
     def close(self) -> None:
-        if self.local is not None and hasattr(self.local, "close"):
+        if self.local is not None:
             self.local.close()
         for connection in self.connections:
             try:
@@ -303,10 +303,9 @@ def default_envs_per_worker(env_name: str, num_rows: int) -> int:
     return num_rows if env_name == POINTREACH else 4
 
 
-def check_env_fits(observations: np.ndarray, goals: np.ndarray, action_dim: int, engine: Engine,
+def check_env_fits(observations: np.ndarray, goals: np.ndarray, action_dim: int, config: PolicyConfig,
                    env_name: str) -> None:
     """EvaluationError unless the env's observations, goals and actions have the checkpoint's shapes."""
-    config = engine.config
     if action_dim != config.action_dim:
         raise EvaluationError(f"{env_name} takes {action_dim}-d actions, but the checkpoint gives "
                               f"{config.action_dim}-d ones (was it trained on another env?)")
@@ -318,6 +317,16 @@ def check_env_fits(observations: np.ndarray, goals: np.ndarray, action_dim: int,
     if goals.shape[1:] != goal_shape:
         raise EvaluationError(f"{env_name} gives {config.goal_mode} goals of shape {goals.shape[1:]}, but the "
                               f"checkpoint expects {goal_shape} (was it trained on another env?)")
+
+
+def check_checkpoint_fits_env(config: PolicyConfig, spec: EnvSpec) -> None:
+    """check_env_fits on one reset of one env, for evaluators that run the envs elsewhere (the ROS nodes)."""
+    batch = make_env_batch(spec, 1)
+    try:
+        observations, goals = batch.reset(np.array([0]), np.array([1]), np.array([0], np.uint64))
+        check_env_fits(observations, goals, batch.action_dim, config, spec.name)
+    finally:
+        batch.close()
 
 
 class LockstepSweep:
@@ -349,7 +358,7 @@ class LockstepSweep:
         seeds = np.array([episode_seed(self.seed, self.rows[r][1], self.rows[r][2]) for r in new_rows], np.uint64)
         observations, goals = self.pool.reset(slots, task_ids, seeds)
         if self.observations is None:
-            check_env_fits(observations, goals, self.pool.action_dim, self.engine, self.env_name)
+            check_env_fits(observations, goals, self.pool.action_dim, self.engine.config, self.env_name)
             self.observations = np.empty((len(self.slot_row), *observations.shape[1:]), observations.dtype)
             self.goals = np.empty((len(self.slot_row), *goals.shape[1:]), goals.dtype)
         self.observations[slots], self.goals[slots] = observations, goals

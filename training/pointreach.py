@@ -127,6 +127,9 @@ class PointReachBatch:
     def render(self, positions: np.ndarray) -> np.ndarray:
         return render(positions, self.config.image_size, self.config.dot_radius)
 
+    def close(self) -> None:
+        """Nothing to release (numpy arrays only); here so every env batch closes the same way."""
+
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:

@@ -40,7 +40,9 @@ from cfgrl_ros.sim import paired_policy_parameters
 # One EvaluationError for both evaluators: the env checks here are the direct evaluator's own.
 from training.evaluate import (
     POINTREACH,
+    EnvSpec,
     EvaluationError,
+    check_checkpoint_fits_env,
     episode_limit,
     episode_seed,
     markdown_table,
@@ -150,6 +152,8 @@ def evaluate_through_ros(policy: str, env_name: str, ws: Sequence[float], *, epi
     """
     config = load_checkpoint(policy).config  # fails here, clearly, on a bad checkpoint
     max_steps = max_steps or episode_limit(env_name)
+    # A policy for another env would wait forever for a goal it can use: refuse it before starting the nodes.
+    check_checkpoint_fits_env(config, EnvSpec(env_name, config.goal_mode, config.image_size, max_steps))
     image_size = config.image_size if env_name == POINTREACH else 0  # the direct evaluator renders at it too
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="cfgrl_ros_eval_"))
     processes = start_nodes(policy, env_name, log_dir, seed=seed, flow_steps=flow_steps, max_episode_steps=max_steps,
