@@ -50,32 +50,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def approximate(seconds: float) -> str:
+    return f"~{seconds:.0f} s" if seconds < 90 else f"~{seconds / 60:.0f} min"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not Path(args.policy).is_file():
-        print(f"demo: no policy checkpoint at {args.policy}; pass --policy PATH", file=sys.stderr)
-        return 2
+        parser.error(f"no policy checkpoint at {args.policy}; pass --policy PATH")
+    from cfgrl_ros.checkpoint import CheckpointError
     from cfgrl_ros.ros_domain import isolate_process
-    from training.evaluate import episode_limit, markdown_table, write_report
+    from training.evaluate import EvaluationError, episode_limit, markdown_table, write_report
     from training.ros_evaluate import evaluate_through_ros
 
     try:
         domain_id = isolate_process(args.ros_domain_id)  # loopback only, a domain no other run uses
-    except (ValueError, RuntimeError) as error:
+        max_steps = args.max_steps or episode_limit(args.env)
+    except (ValueError, RuntimeError) as error:  # EvaluationError too: an unknown env
         parser.error(str(error))
-
-    max_steps = args.max_steps or episode_limit(args.env)
     episodes = len(args.w) * len(args.tasks) * args.episodes_per_task
     seconds_per_step = SECONDS_PER_STEP_CPU.get(args.env, SECONDS_PER_STEP_CPU["default"])
     print(f"demo: {args.env}, tasks {args.tasks}, {args.episodes_per_task} episode(s) per task and w, "
           f"w in {args.w}: {episodes} episodes of at most {max_steps} steps, through the policy node and "
-          f"the sim node over ROS 2 (lockstep, loopback only, ROS_DOMAIN_ID {domain_id}). Worst case ~{episodes * max_steps * seconds_per_step / 60:.1f} "
-          f"min of stepping on a 2-core CPU; an episode ends early when the goal is reached.", flush=True)
-    results = evaluate_through_ros(args.policy, args.env, args.w, episodes_per_task=args.episodes_per_task,
-                                   tasks=args.tasks, seed=args.seed, max_steps=max_steps,
-                                   shadow_size=args.shadow_size)
-    paths = write_report(results, args.out_dir)
+          f"the sim node over ROS 2 (lockstep, loopback only, ROS_DOMAIN_ID {domain_id}). Worst case "
+          f"{approximate(episodes * max_steps * seconds_per_step)} of stepping on a 2-core CPU; an episode ends "
+          "early when the goal is reached.", flush=True)
+    out_dir = Path(args.out_dir)
+    try:
+        results = evaluate_through_ros(args.policy, args.env, args.w, episodes_per_task=args.episodes_per_task,
+                                       tasks=args.tasks, seed=args.seed, max_steps=max_steps,
+                                       shadow_size=args.shadow_size, log_dir=out_dir / "logs")
+    except (EvaluationError, CheckpointError) as error:
+        parser.error(f"{error} (node logs: {out_dir / 'logs'})")
+    except KeyboardInterrupt:
+        print("\ndemo: interrupted; the nodes were stopped", file=sys.stderr)
+        return 130
+    paths = write_report(results, out_dir)
     print()
     for row in results["results"]:
         overall = row["overall"]
@@ -83,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"w={row['w']:g}: success {overall['successes']}/{overall['episodes']} "
               f"({100 * overall['rate']:.0f}%)  [{tasks}]")
     print(f"\n{markdown_table(results)}\n")
-    print(f"{results['env_steps']} env steps in {results['wall_time_s']:.0f} s; report: {paths['markdown']}")
+    print(f"{results['env_steps']} env steps in {results['wall_time_s']:.0f} s; report: {paths['markdown']}; "
+          f"node logs: {results['logs']}")
     return 0
 
 

@@ -39,3 +39,15 @@ def test_demo_drives_the_sim_through_the_policy_node(ros_env, tmp_path):
         assert re.search(rf"^w={w}: success \d/2 \(\d+%\)  \[task 1 \d/2\]$", result.stdout, re.MULTILINE), \
             result.stdout[-2000:]
     assert list((tmp_path / "demo").glob("*.md"))
+    assert {p.name for p in (tmp_path / "demo" / "logs").iterdir()} == {"sim.log", "policy.log"}
+    assert f"node logs: {tmp_path / 'demo' / 'logs'}" in result.stdout
+
+
+@pytest.mark.requires_rclpy
+def test_demo_mistakes_are_one_line_errors(ros_env, tmp_path):
+    for flags, message in ((["--env", "visual-cube-singel-v0"], "unknown env 'visual-cube-singel-v0'"),
+                           (["--policy", str(tmp_path / "none.safetensors")], "no policy checkpoint at")):
+        result = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "demo.py"), *flags],
+                                cwd=REPO_ROOT, env=ros_env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, \
+            result.stderr[-2000:]

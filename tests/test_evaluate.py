@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -244,6 +245,13 @@ def test_command_line_reports_a_bad_checkpoint_or_output_dir(pointreach_checkpoi
     with pytest.raises(SystemExit, match="cfgrl-evaluate: error: .*file"):
         ev.main(["--checkpoint", str(pointreach_checkpoint), "--env", "pointreach", "--device", "cpu",
                  "--out-dir", str(tmp_path / "file" / "eval")])
+
+
+def test_reports_of_the_embedded_policy_stay_out_of_the_package(tmp_path):
+    embedded = Path(ev.__file__).resolve().parents[1] / "cfgrl_ros" / "data" / "default_policy.safetensors"
+    assert ev.default_report_dir(embedded, "eval", "pointreach") == Path("runs/default_policy/eval-pointreach")
+    own = tmp_path / "run" / "checkpoint.safetensors"
+    assert ev.default_report_dir(own, "ros-eval", "pointreach") == tmp_path / "run" / "ros-eval-pointreach"
 
 
 # --- OGBench: real MuJoCo rendering -------------------------------------------------------------

@@ -80,6 +80,21 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path, capsys):
         main(["--dataset", other_data.dataset, "--out", other_data.out, "--steps", "6", "--batch-size", "8",
               "--seed", "7", "--resume"])
     assert load_checkpoint(tmp_path / "run" / "checkpoint.safetensors").step == 3  # untouched
+    # The policy's own settings are named field by field, and the way out is one that works.
+    with pytest.raises(TrainError, match=r"goal_encoder 'shared' != 'separate'\); resume with the saved ones, or "
+                                         r"start a new run in another --out"):
+        train(tiny_config(tmp_path, steps=6, resume=True, goal_encoder="separate"))
+
+
+def test_resume_says_when_there_is_nothing_to_train(tmp_path, capsys):
+    path = train(tiny_config(tmp_path, steps=3))
+    saved = path.read_bytes()
+    with pytest.raises(TrainError, match="it is at step 3 already; pass a larger --steps"):
+        train(tiny_config(tmp_path, steps=2, resume=True))
+    capsys.readouterr()
+    assert train(tiny_config(tmp_path, steps=3, resume=True)) == path
+    assert "is at step 3 = --steps already: nothing to train" in capsys.readouterr().err
+    assert path.read_bytes() == saved
 
 
 def test_an_existing_run_is_never_overwritten_and_resume_trims_its_logs(tmp_path):

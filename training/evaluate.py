@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import cfgrl_ros
 from cfgrl_ros.checkpoint import CheckpointError
 from cfgrl_ros.engines import BACKENDS, Engine, EngineUnavailable, load_engine, to_numpy
 from cfgrl_ros.policy import PolicyConfig
@@ -547,6 +548,15 @@ def markdown_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def default_report_dir(checkpoint: str | os.PathLike, kind: str, env_name: str) -> Path:
+    """<checkpoint dir>/<kind>-<env>, or runs/<stem>/<kind>-<env> here for a checkpoint shipped in the package
+    (the embedded default): reports and logs never land inside the installed package."""
+    path = Path(checkpoint).resolve()
+    if path.is_relative_to(Path(cfgrl_ros.__file__).resolve().parent):
+        return Path("runs") / path.stem / f"{kind}-{env_name}"
+    return Path(checkpoint).parent / f"{kind}-{env_name}"
+
+
 def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write results.json, results.csv, results.md and success_vs_w.png into out_dir; returns their paths."""
     out = Path(out_dir)
@@ -612,13 +622,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--flow-steps", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=None, help="episode limit override (short CI runs)")
-    parser.add_argument("--out-dir", default=None, help="default: <checkpoint dir>/eval-<env>")
+    parser.add_argument("--out-dir", default=None,
+                        help="default: <checkpoint dir>/eval-<env> (runs/<name>/eval-<env> for the embedded policy)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    out_dir = Path(args.out_dir or Path(args.checkpoint).parent / f"eval-{args.env}")
+    out_dir = Path(args.out_dir or default_report_dir(args.checkpoint, "eval", args.env))
     try:
         check_sweep(args.env, args.w, args.tasks, args.episodes_per_task, args.flow_steps, args.seed, args.workers,
                     args.envs_per_worker, args.max_steps)

@@ -43,6 +43,7 @@ from training.evaluate import (
     EnvSpec,
     EvaluationError,
     check_checkpoint_fits_env,
+    default_report_dir,
     episode_limit,
     episode_seed,
     markdown_table,
@@ -202,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--flow-steps", type=int, default=16)
     parser.add_argument("--max-steps", type=int, default=None, help="episode limit override (short runs)")
     parser.add_argument("--shadow-size", type=int, default=0, help="OGBench shadow map (0: default 4096)")
-    parser.add_argument("--out-dir", default=None, help="default: <checkpoint dir>/ros-eval-<env>")
+    parser.add_argument("--out-dir", default=None,
+                        help="report and node logs (default: <checkpoint dir>/ros-eval-<env>; "
+                             "runs/<name>/ros-eval-<env> for the embedded policy)")
     parser.add_argument("--ros-domain-id", type=int, default=None,
                         help="ROS domain of the nodes (default: a free one of 30-59, claimed with a lock file)")
     return parser
@@ -215,16 +218,19 @@ def main(argv: list[str] | None = None) -> None:
         isolate_process(args.ros_domain_id)
     except (ValueError, RuntimeError) as error:
         parser.error(str(error))
+    out_dir = Path(args.out_dir or default_report_dir(args.policy, "ros-eval", args.env))
     try:  # a bad checkpoint, env, task or w is a one-line error, not a traceback
         results = evaluate_through_ros(args.policy, args.env, args.w, episodes_per_task=args.episodes_per_task,
                                        tasks=args.tasks, seed=args.seed, flow_steps=args.flow_steps,
-                                       max_steps=args.max_steps, shadow_size=args.shadow_size)
+                                       max_steps=args.max_steps, shadow_size=args.shadow_size,
+                                       log_dir=out_dir / "logs")
     except (EvaluationError, CheckpointError) as error:
         parser.error(str(error))
-    out_dir = args.out_dir or Path(args.policy).parent / f"ros-eval-{args.env}"
+    except KeyboardInterrupt:
+        parser.exit(130, f"\n{parser.prog}: interrupted; the nodes were stopped (logs: {out_dir / 'logs'})\n")
     paths = write_report(results, out_dir)
     print(markdown_table(results))
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    print("wrote " + ", ".join(str(p) for p in paths.values()) + f"; node logs in {results['logs']}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from cfgrl_ros.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cfgrl_ros.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from cfgrl_ros.policy import CFGRLPolicy, PolicyConfig
 from training.data import DatasetError, GoalBatchSampler, dataset_fingerprint, load_dataset_pair
 from training.oracle_goals import OracleGoalError
@@ -127,10 +127,13 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 RESUME_KEYS = ("seed", "batch_size", "lr", "p_aug", "precision", "world_size")
 
 
-def check_resumable(metadata: dict[str, str], config: TrainConfig, fingerprint: str, path: Path,
-                    world_size: int = 1) -> None:
-    """Refuse to continue a run on other data or with other settings: the result would be neither run."""
-    problems = []
+def check_resumable(checkpoint: Checkpoint, policy_config: PolicyConfig, config: TrainConfig, fingerprint: str,
+                    path: Path, world_size: int = 1) -> None:
+    """Refuse to continue a run on other data, with another policy or other settings: the result would be neither run."""
+    problems = [f"{field.name} {getattr(checkpoint.config, field.name)!r} != {getattr(policy_config, field.name)!r}"
+                for field in dataclasses.fields(PolicyConfig)
+                if getattr(checkpoint.config, field.name) != getattr(policy_config, field.name)]
+    metadata = checkpoint.metadata
     if metadata.get("dataset_fingerprint") != fingerprint:
         problems.append(f"dataset fingerprint {metadata.get('dataset_fingerprint', '?')[:12]} != "
                         f"{fingerprint[:12]} of {config.dataset}")
@@ -139,8 +142,11 @@ def check_resumable(metadata: dict[str, str], config: TrainConfig, fingerprint: 
     current = {**dataclasses.asdict(config), "world_size": world_size}
     problems += [f"{key} {saved.get(key)!r} != {current[key]!r}" for key in RESUME_KEYS if saved.get(key) != current[key]]
     if problems:
-        raise TrainError(f"cannot resume {path}: it was trained with other data or settings ({'; '.join(problems)}); "
-                         "use another --out, or drop --resume to start over")
+        raise TrainError(f"cannot resume {path}: it was trained with other data or settings (saved != given: "
+                         f"{'; '.join(problems)}); resume with the saved ones, or start a new run in another --out")
+    if checkpoint.step > config.steps:
+        raise TrainError(f"cannot resume {path} to step {config.steps}: it is at step {checkpoint.step} already; "
+                         "pass a larger --steps to train on")
 
 
 class MetricsLog:
@@ -243,9 +249,7 @@ def train(config: TrainConfig) -> Path:
     start_step = 0
     if config.resume and checkpoint_path.exists():
         checkpoint = load_checkpoint(checkpoint_path, device)
-        if checkpoint.config != policy_config:
-            raise TrainError(f"cannot resume {checkpoint_path}: its config {checkpoint.config} != {policy_config}")
-        check_resumable(checkpoint.metadata, config, fingerprint, checkpoint_path, world)
+        check_resumable(checkpoint, policy_config, config, fingerprint, checkpoint_path, world)
         policy.load_state_dict(checkpoint.policy.state_dict())
         load_optimizer_tensors(optimizer, {k: v.to(device) for k, v in checkpoint.train_state.items()})
         start_step = checkpoint.step
@@ -304,8 +308,9 @@ def train(config: TrainConfig) -> Path:
                 progress.write(f"step {done}: val loss {value:.4f}")
         if done % config.save_every == 0 or done == config.steps:
             save(done)
-    if start_step >= config.steps:
-        save(start_step)
+    if start_step == config.steps and rank == 0:
+        print(f"cfgrl-train: {checkpoint_path} is at step {start_step} = --steps already: nothing to train",
+              file=sys.stderr)
     if log:
         log.close()
     if distributed:
