@@ -146,15 +146,13 @@ def test_the_null_goal_starts_at_the_reference_scale():
     assert image.numel() == 512 and abs(image.std().item() - 512 ** -0.5) < 0.01  # flax nn.Embed: 1/sqrt(dim)
 
 
-def test_bad_settings_are_refused_before_anything_runs(tmp_path):
+def test_bad_settings_are_refused_before_anything_runs(tmp_path, capsys):
     (tmp_path / "train.yaml").write_text("lr: 3e-4\nsteps: 12\n")  # YAML reads 3e-4 as text: taken as a number
     config = parse_config(["--config", str(tmp_path / "train.yaml"), "--dataset", "x.npz"])
     assert config.lr == 3e-4 and config.steps == 12
     for flags, reason in ((["--steps", "0"], "steps must be >= 1, got 0"),
                           (["--lr", "nan"], "lr must be finite and > 0"),
                           (["--save-every", "0", "--p-aug", "2"], "p_aug must be within \\[0, 1\\], got 2.0; save_every"),
-                          (["--goal-mode", "goals"], "goal_mode must be oracle or image"),
-                          (["--precision", "fp16"], "precision must be bf16 or fp32"),
                           (["--device", "tpu"], "device 'tpu' is not a torch device"),
                           (["--config", str(tmp_path / "missing.yaml")], "cannot read --config")):
         with pytest.raises(SystemExit, match=f"cfgrl-train: error: .*{reason}"):
@@ -162,6 +160,14 @@ def test_bad_settings_are_refused_before_anything_runs(tmp_path):
     (tmp_path / "bad.yaml").write_text("steps: 2.5\n")
     with pytest.raises(SystemExit, match="steps must be an integer, got float 2.5"):
         parse_config(["--config", str(tmp_path / "bad.yaml"), "--dataset", "x.npz"])
+    (tmp_path / "bad.yaml").write_text("goal_mode: goals\nprecision: fp16\n")  # YAML skips argparse's choices
+    with pytest.raises(SystemExit, match="goal_mode must be oracle or image.*precision must be bf16 or fp32"):
+        parse_config(["--config", str(tmp_path / "bad.yaml"), "--dataset", "x.npz"])
+    for flags in (["--goal-mode", "goals"], ["--precision", "fp16"]):  # the flags list their choices
+        with pytest.raises(SystemExit) as exit_info:
+            parse_config(["--dataset", "x.npz", *flags])
+        assert exit_info.value.code == 2
+        assert "invalid choice" in capsys.readouterr().err
 
 
 def test_ranks_never_share_a_random_stream():

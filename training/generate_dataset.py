@@ -22,8 +22,9 @@ import dataclasses
 import json
 import os
 import queue
-import sys
 import shutil
+import signal
+import sys
 import time
 import traceback
 import warnings
@@ -108,10 +109,13 @@ class GenerationConfig:
             raise GenerationError(f'unknown variant {self.variant!r}; choose from {VARIANTS}')
         if self.render_mode not in RENDER_MODES:
             raise GenerationError(f'unknown render mode {self.render_mode!r}; choose from {RENDER_MODES}')
-        if self.num_episodes < 1 or self.num_val_episodes < 0:
-            raise GenerationError('need num_episodes >= 1 and num_val_episodes >= 0')
-        if min(self.episode_length - 1, self.shard_episodes, self.shadow_size, self.render_tiles) < 1:
-            raise GenerationError('need episode_length >= 2 and shard_episodes, shadow_size, render_tiles >= 1')
+        minimums = dict(num_episodes=1, num_val_episodes=0, episode_length=2, shard_episodes=1, shadow_size=1,
+                        render_tiles=1)
+        for name, minimum in minimums.items():
+            value = getattr(self, name)
+            if value < minimum:
+                flag = '--' + name.replace('_', '-')
+                raise GenerationError(f'{name} ({flag}) must be >= {minimum}, got {value}')
 
     @property
     def dataset_name(self) -> str:
@@ -410,6 +414,7 @@ PROGRESS_PERIOD_S = 0.2  # a worker batches its progress reports: one message pe
 
 def _worker_main(cfg: GenerationConfig, shard_dir: Path, tasks, events) -> None:
     """A worker process: shards from `tasks` until the None sentinel; progress and results to `events`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent stops us
     pending, last = 0, time.monotonic()
 
     def report(count: int) -> None:
@@ -581,9 +586,8 @@ def prepare_shard_dir(cfg: GenerationConfig, shard_dir: Path) -> None:
             raise GenerationError(f'{manifest_path} is unreadable ({err}); delete {shard_dir} to start over') from None
         flat_old, flat_new = _flatten(previous), _flatten(manifest)
         if flat_old != flat_new:
-            diff = {k: (flat_old.get(k), v) for k, v in flat_new.items() if flat_old.get(k) != v}
             raise GenerationError(
-                f'{shard_dir} holds shards made with other settings or versions {diff} (old, new); '
+                f'{shard_dir} holds shards made with other settings or versions ({describe_changes(flat_old, flat_new)}); '
                 'rerun with the old settings to resume, or delete the directory'
             )
     elif shard_dir.exists() and any(shard_dir.glob('shard-*.npz')):
@@ -598,6 +602,11 @@ def prepare_shard_dir(cfg: GenerationConfig, shard_dir: Path) -> None:
         tmp = manifest_path.with_name(f'manifest.json.tmp-{os.getpid()}')
         tmp.write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, manifest_path)
+
+
+def describe_changes(old: dict, new: dict) -> str:
+    """'key old -> new, ...' for every key whose value differs."""
+    return ', '.join(f'{key} {old.get(key)!r} -> {value!r}' for key, value in new.items() if old.get(key) != value)
 
 
 def _flatten(manifest: dict) -> dict:
@@ -634,15 +643,26 @@ def generate(
     train_path, val_path, shard_dir, record_path = output_paths(cfg, out_dir)
     settings = dataclasses.asdict(cfg)
     if train_path.exists() and val_path.exists() and not shard_dir.exists() and not overwrite:
-        previous = json.loads(record_path.read_text())['settings'] if record_path.exists() else None
+        previous = _recorded_settings(record_path)
         if previous != settings:
-            raise GenerationError(f'{train_path} exists and was made with other settings; pass --overwrite')
+            changed = describe_changes(previous, settings) if previous else f'no readable {record_path.name}'
+            raise GenerationError(f'{train_path} exists and was made with other settings ({changed}); '
+                                  'pass --overwrite to replace it, or another --out-dir')
         print(f'{train_path} and {val_path.name} are already complete')
     else:
         _produce_and_merge(cfg, out_dir, workers, keep_shards)
     if preview is not None:
         write_preview(train_path, preview, cfg.episode_length)
+        print(f'preview: {preview}')
     return train_path, val_path
+
+
+def _recorded_settings(record_path: Path) -> dict | None:
+    """The settings a finished run recorded; None when there is no readable record."""
+    try:
+        return json.loads(record_path.read_text())['settings']
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        return None
 
 
 def _produce_and_merge(cfg: GenerationConfig, out_dir: Path, workers: int, keep_shards: bool) -> None:
@@ -682,7 +702,9 @@ def _produce_and_merge(cfg: GenerationConfig, out_dir: Path, workers: int, keep_
         trash = shard_dir.with_name(f'{shard_dir.name}.delete-{os.getpid()}')
         shard_dir.rename(trash)
         shutil.rmtree(trash)
-    print(f'wrote {train_path} and {val_path.name}: {record}')
+    print(f'wrote {train_path} and {val_path.name}: {transitions} transitions produced in '
+          f'{produced_seconds:.1f} s ({record["transitions_per_second"]} transitions/s, {workers} worker(s)); '
+          f'run record {record_path.name}')
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -693,7 +715,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--num-val-episodes', type=int, default=None, help='default: num_episodes // 10, at least 1 (cfgrl-train needs a non-empty '
                         'validation split; 0 only for speed measurements)')
     parser.add_argument('--episode-length', type=int, default=DEFAULT_EPISODE_LENGTH)
-    parser.add_argument('--workers', type=int, default=os.cpu_count() or 1)
+    parser.add_argument('--workers', type=int, default=os.cpu_count() or 1,
+                        help='worker processes, one GL context each (1: in this process; default: the CPU count)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out-dir', type=Path, default=Path('data'))
     parser.add_argument('--shadow-size', type=int, default=4096, help='model.vis.quality.shadowsize (OGBench: 4096)')
@@ -714,6 +737,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.workers < 1:
+        sys.exit(f'cfgrl-generate: error: --workers must be >= 1, got {args.workers}')
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        sys.exit(f'cfgrl-generate: error: --out-dir {args.out_dir} is a file, not a directory')
     try:
         cfg = GenerationConfig(
             env=args.env,
@@ -729,7 +756,13 @@ def main(argv: list[str] | None = None) -> None:
         )
         generate(cfg, args.out_dir, args.workers, args.keep_shards, args.overwrite, args.preview)
     except GENERATION_ERRORS as err:
-        sys.exit(f'error: {err}')
+        sys.exit(f'cfgrl-generate: error: {err}')
+    except OSError as err:  # a full disk, a read-only --out-dir, ...
+        sys.exit(f'cfgrl-generate: error: {err}')
+    except KeyboardInterrupt:
+        print(f'\ncfgrl-generate: interrupted; the finished shards are kept in {args.out_dir}: '
+              'run the same command again to resume', file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == '__main__':

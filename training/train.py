@@ -318,15 +318,42 @@ def train(config: TrainConfig) -> Path:
     return checkpoint_path
 
 
+FLAG_HELP = {  # what each TrainConfig field means on the command line; its default is appended
+    "dataset": "<name>.npz, with <name>-val.npz beside it (required)",
+    "env_name": "OGBench env (e.g. cube-single) to compute oracle goals from qpos when the file has no oracle_reps",
+    "out": "run directory: checkpoint.safetensors, metrics.csv, TensorBoard events",
+    "goal_mode": "oracle: OGBench's low-dimensional goals (as in the paper); image: goal frames",
+    "goal_encoder": "image goals: share the observation encoder, or train a separate one",
+    "steps": "gradient steps in total (a resumed run continues up to this)",
+    "batch_size": "samples per step, split over the torchrun processes",
+    "lr": "Adam learning rate",
+    "p_aug": "probability that a batch gets random-shift augmentation (one coin per batch, as the reference)",
+    "condition_dropout": "fraction of goals replaced by the learned null embedding (CFGRL: 0.1)",
+    "seed": "seeds the model and every step's batch",
+    "device": "auto (CUDA if present, else CPU), or a torch device such as cuda:1",
+    "log_every": "steps between training-loss rows in metrics.csv",
+    "val_every": "steps between validation losses",
+    "val_batches": "validation batches per evaluation",
+    "save_every": "steps between checkpoints",
+    "resume": "continue the run in --out from its checkpoint",
+    "compile": "torch.compile the network",
+    "precision": "bf16 autocast or fp32 (TF32) on CUDA; CPU always trains in fp32",
+}
+FLAG_CHOICES = {"goal_mode": ("oracle", "image"), "goal_encoder": ("shared", "separate"), "precision": ("bf16", "fp32")}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="cfgrl-train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file of TrainConfig fields; flags given on the command line win")
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
+        help_text = FLAG_HELP[field.name] + ("" if field.default == "" or field.default is False else f" (default: {field.default})")
         if field.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(flag, type={"int": int, "float": float}.get(field.type, str), default=None)
+            parser.add_argument(flag, type={"int": int, "float": float}.get(field.type, str), default=None,
+                                choices=FLAG_CHOICES.get(field.name), help=help_text)
     return parser
 
 
