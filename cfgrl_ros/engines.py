@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -349,11 +350,20 @@ def export_program(sampler: GuidedSampler, flow_steps: int, max_batch: int = 409
 
 def export_onnx(program: torch.export.ExportedProgram, path: str | Path) -> Path:
     """ONNX (dynamo exporter, graph-optimized) of an exported sampler program."""
+    # The exporter's own chatter (progress lines, "torchvision is not installed", a pytree deprecation)
+    # says nothing about this export: the sampler uses no torchvision op. Real failures still raise.
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration_log.level
+    registration_log.setLevel(logging.ERROR)
     try:
-        onnx_program = torch.onnx.export(program, dynamo=True, input_names=list(INPUT_NAMES),
-                                         output_names=["actions"], optimize=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
+            onnx_program = torch.onnx.export(program, dynamo=True, input_names=list(INPUT_NAMES),
+                                             output_names=["actions"], optimize=True, verbose=False)
     except ImportError as error:  # onnxscript is what the dynamo exporter translates with
         raise EngineUnavailable(f"ONNX export needs onnxscript: {error}") from error
+    finally:
+        registration_log.setLevel(level)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Per process and thread: a concurrent reader never sees half a file, nor two writers one temp file.

@@ -9,7 +9,7 @@ from training import benchmark
 
 def test_tiny_run_reports_positive_figures(tmp_path, capsys):
     out = tmp_path / "bench.md"
-    assert benchmark.main(["--engines", "torch", "--flow-steps", "2", "--iterations", "3", "--batches", "4",
+    assert benchmark.main(["--engines", "torch,auto", "--flow-steps", "2", "--iterations", "3", "--batches", "4",
                            "--min-seconds", "0.1", "--out", str(out)]) == 0
     row = next(line for line in out.read_text().splitlines() if line.startswith("| torch |"))
     load_s, latency, throughput, rss = [cell.strip() for cell in row.strip("|").split("|")[1:]]
@@ -17,6 +17,7 @@ def test_tiny_run_reports_positive_figures(tmp_path, capsys):
     assert 0 < p50 <= p99
     assert float(throughput.replace(",", "")) > 0 and float(rss) > 0 and float(load_s) >= 0  # 1,234 actions/s
     assert "b4 K=16 actions/s" in out.read_text()
+    assert re.search(r"^\| auto: \w+ \|", out.read_text(), re.M)  # the engine auto chose, in a row of its own
 
 
 @pytest.mark.parametrize("flag, value", [("--batches", "0"), ("--batches", "64,-1"), ("--flow-steps", "x"),

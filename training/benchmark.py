@@ -80,7 +80,8 @@ def benchmark_engine(checkpoint: str, backend: str, device: str, flow_steps: tup
         engine = load_engine(checkpoint, backend, device, flow_steps=16, onnx_threads=threads)
     except EngineUnavailable as error:
         return {"engine": backend, "unavailable": str(error)}
-    result = {"engine": engine.name, "load_s": time.perf_counter() - start}
+    label = f"auto: {engine.name}" if backend == "auto" else engine.name  # two rows of one engine stay apart
+    result = {"engine": label, "load_s": time.perf_counter() - start}
     result["latency"] = {k: latency_ms(engine_for_steps(engine, checkpoint, k, threads), k, iterations)
                          for k in flow_steps}
     result["throughput"] = {b: throughput(engine, b, min_seconds) for b in batch_sizes}
