@@ -172,9 +172,12 @@ def write_replay_report(report: dict, out_dir: str | os.PathLike) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "replay_report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     comparison = report.get("comparison") or {}
+    played, answered = report.get("frames_played", 0), report.get("frames_with_action", 0)
     lines = [f"# Replay of {report.get('source', '?')}", "",
-             f"frames played {report.get('frames_played', 0)}, actions received {report.get('frames_with_action', 0)}, "
-             f"with a recorded action {report.get('frames_with_recorded_action', 0)}", ""]
+             f"- frames played: {played} (rate {report.get('rate', '?')}, {report.get('resends', 0)} resent)",
+             f"- frames the policy answered: {answered}; unanswered: {played - answered}",
+             f"- frames with a recorded action to compare with: {report.get('frames_with_recorded_action', 0)}",
+             f"- compared (answered and recorded): {comparison.get('frames_compared', 0)}", ""]
     if comparison:
         dims = len(comparison["mse_per_dim"])
         lines += ["| metric | all | " + " | ".join(f"dim {i}" for i in range(dims)) + " |",

@@ -164,8 +164,12 @@ def test_compare_actions_statistics(tmp_path):
     assert comparison["max_abs_error"] == pytest.approx(2.0)
     with pytest.raises(ReplayError):
         compare_actions(recorded, replayed[:1])
-    markdown = write_replay_report({"source": "x", "comparison": comparison}, tmp_path).read_text()
+    report = {"source": "x", "rate": "lockstep", "frames_played": 3, "frames_with_action": 2,
+              "frames_with_recorded_action": 3, "resends": 1, "comparison": comparison}
+    markdown = write_replay_report(report, tmp_path).read_text()
     assert "| MSE | 1 | 0 | 2 |" in markdown
+    assert "frames played: 3 (rate lockstep, 1 resent)" in markdown
+    assert "answered: 2; unanswered: 1" in markdown and "compared (answered and recorded): 2" in markdown
     assert json.loads((tmp_path / "replay_report.json").read_text())["comparison"]["mse"] == 1.0
 
 

@@ -50,6 +50,9 @@ def test_train_writes_checkpoint_and_logs(tmp_path, goal_mode):
         names = {row["name"] for row in csv.DictReader(f)}
     assert {"train/loss", "train/steps_per_s", "val/loss"} <= names
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    saved = tmp_path / "run" / "train_config.yaml"  # says what ran (bf16 is CUDA-only), and is a --config again
+    assert saved.read_text().startswith("# ran on cpu x 1 process(es), in fp32\n")
+    assert parse_config(["--config", str(saved)]) == config
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -269,11 +269,13 @@ def train(config: TrainConfig) -> Path:
             save_checkpoint(checkpoint_path, policy, dataset_fingerprint=fingerprint, step=step,
                             train_state=optimizer_tensors(optimizer), extra_metadata=metadata)
 
+    bf16 = device.type == "cuda" and config.precision == "bf16"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+        in_effect = f"# ran on {device} x {world} process(es), in {'bf16 autocast' if bf16 else 'fp32'}\n"
+        (out / "train_config.yaml").write_text(in_effect + yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     log = MetricsLog(out, start_step) if rank == 0 else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and config.precision == "bf16")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
     progress = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
                     disable=rank != 0, desc="train", unit="step", dynamic_ncols=True)
     last_time, last_step = time.perf_counter(), start_step
