@@ -605,22 +605,26 @@ def plot_success(results: Mapping[str, Any], path: Path, title: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="cfgrl-evaluate", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", required=True, help="a cfgrl_ros .safetensors checkpoint")
     parser.add_argument("--env", required=True, help=f"OGBench env id (visual-cube-single-v0, ...) or '{POINTREACH}'")
-    parser.add_argument("--w", type=float, nargs="+", default=list(DEFAULT_WS), help="guidance weights to sweep")
-    parser.add_argument("--episodes-per-task", type=int, default=50)
-    parser.add_argument("--tasks", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument("--w", type=float, nargs="+", default=list(DEFAULT_WS),
+                        help=f"guidance weights to sweep (default: {' '.join(f'{w:g}' for w in DEFAULT_WS)})")
+    parser.add_argument("--episodes-per-task", type=int, default=50, help="episodes per task and w (default: 50)")
+    parser.add_argument("--tasks", type=int, nargs="+", default=[1, 2, 3, 4, 5],
+                        help="OGBench evaluation task ids (default: 1 2 3 4 5)")
     parser.add_argument("--workers", type=int, default=None,
                         help="env worker processes (0: in this process); default: one per core (at most 16) "
                              "for OGBench, 0 for pointreach")
     parser.add_argument("--envs-per-worker", type=int, default=None,
                         help="live envs per worker; default 4 for OGBench, every row for pointreach")
-    parser.add_argument("--backend", default="torch")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--flow-steps", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", default="torch",
+                        help=f"inference engine: {', '.join((*BACKENDS, 'auto'))} (default: torch)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: cuda where there is one, else cpu)")
+    parser.add_argument("--flow-steps", type=int, default=16, help="Euler steps per action (default: 16)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the envs' resets and the sampling noise (default: 0)")
     parser.add_argument("--max-steps", type=int, default=None, help="episode limit override (short CI runs)")
     parser.add_argument("--out-dir", default=None,
                         help="default: <checkpoint dir>/eval-<env> (runs/<name>/eval-<env> for the embedded policy)")

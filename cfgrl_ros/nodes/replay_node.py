@@ -189,23 +189,24 @@ def load_frames(args: argparse.Namespace) -> list[ReplayFrame]:
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description="Replay a dataset or bag into the policy node; compare actions.")
+    parser = argparse.ArgumentParser(prog="cfgrl_replay_node",
+                                     description="Replay a dataset or bag into the policy node; compare actions.")
     parser.add_argument("--source", required=True, help="OGBench .npz dataset or rosbag2 bag directory")
-    parser.add_argument("--rate", default="recorded", help="recorded | lockstep | a rate in Hz")
-    parser.add_argument("--speed", type=float, default=1.0, help="playback speed factor for --rate recorded")
-    parser.add_argument("--out", default="replay_out", help="directory for replay_report.{md,json}")
+    parser.add_argument("--rate", default="recorded", help="recorded (the source's timing), lockstep (each frame waits for its action) or a rate in Hz (default: recorded)")
+    parser.add_argument("--speed", type=float, default=1.0, help="playback speed factor for --rate recorded (default: 1)")
+    parser.add_argument("--out", default="replay_out", help="directory for replay_report.{md,json} (default: replay_out)")
     parser.add_argument("--record", default=None, help="also record inputs and actions to this new bag")
     parser.add_argument("--env-name", default=None, help="dataset env, for oracle goal vectors from qpos")
-    parser.add_argument("--episodes", default=None, help="dataset episodes to play, e.g. 0,3 (default all)")
-    parser.add_argument("--max-frames", type=int, default=None)
-    parser.add_argument("--dataset-hz", type=float, default=20.0, help="recorded rate of a dataset")
+    parser.add_argument("--episodes", default=None, help="dataset episodes to play, e.g. 0,3 (default: all)")
+    parser.add_argument("--max-frames", type=int, default=None, help="play at most this many frames")
+    parser.add_argument("--dataset-hz", type=float, default=20.0, help="recorded rate of a dataset (default: 20, the envs' control rate)")
     parser.add_argument("--cache-dir", default=None, help="where the dataset loader may cache observations")
-    parser.add_argument("--action-timeout", type=float, default=10.0, help="seconds to wait for an action")
+    parser.add_argument("--action-timeout", type=float, default=10.0, help="seconds to wait for an action (default: 10)")
     # A bag recorded in a namespace or with remaps stores resolved names, e.g. /robot1/camera/image.
     for flag, default in (("camera-topic", "camera/image"), ("goal-image-topic", "goal/image"),
                           ("goal-vector-topic", "goal/vector"), ("action-topic", "action")):
-        parser.add_argument(f"--{flag}", default=default, help=f"the bag's {flag[:-6].replace('-', ' ')} topic")
-    parser.add_argument("--policy-timeout", type=float, default=60.0, help="seconds to wait for the policy node")
+        parser.add_argument(f"--{flag}", default=default, help=f"the bag's {flag[:-6].replace('-', ' ')} topic (default: {default})")
+    parser.add_argument("--policy-timeout", type=float, default=60.0, help="seconds to wait for the policy node (default: 60)")
     args, ros_args = parser.parse_known_args(argv)
     if args.rate not in ("recorded", "lockstep"):
         try:
