@@ -130,7 +130,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("flow_steps", 16, f"Euler steps per action, 1..{MAX_FLOW_STEPS}.", int_in(1, MAX_FLOW_STEPS), "live"),
     ParamSpec("trigger", "timer", "timer: act at control_rate_hz; image: act as soon as a new camera image arrives, "
               "at most control_rate_hz.", one_of(TRIGGERS), "activate"),
-    ParamSpec("control_rate_hz", 10.0, "Action rate (timer trigger) or its cap (image trigger).",
+    ParamSpec("control_rate_hz", 20.0, "Action rate (timer trigger) or its cap (image trigger); the training "
+              "data's control rate (OGBench: 20 Hz), since each action is one step of it.",
               finite_in(0.1, 1000.0), "activate"),
     ParamSpec("max_image_age_s", 0.5, "A camera image older than this (by arrival, on the node clock) is stale.",
               finite_in(0.001, 3600.0), "live"),
