@@ -41,6 +41,7 @@ setup(
             "cfgrl-evaluate = training.evaluate:main",
             "cfgrl-export = training.export:main",
             "cfgrl-generate = training.generate_dataset:main",
+            "cfgrl-bags-to-dataset = training.bags_to_dataset:main",
             "cfgrl-benchmark = training.benchmark:main",
             "cfgrl-reproduce = training.reproduce:main",
             "cfgrl-ros-evaluate = training.ros_evaluate:main",

@@ -146,6 +146,8 @@ def read_bag(path: str | os.PathLike, types: Mapping[str, str] | None = None) ->
 
 def bag_topics(path: str | os.PathLike) -> dict[str, tuple[str, int]]:
     """topic -> (msgtype, message count)."""
+    if not (Path(path) / "metadata.yaml").is_file():
+        raise BagError(f"{path} is not a rosbag2 bag directory (no metadata.yaml)")
     try:
         with Reader(Path(path)) as reader:
             return {topic: (info.msgtype, info.msgcount) for topic, info in reader.topics.items()}

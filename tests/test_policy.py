@@ -276,7 +276,8 @@ def test_core_imports_without_ros():
 
     modules = ["cfgrl_ros.policy", "cfgrl_ros.sampler", "cfgrl_ros.checkpoint", "cfgrl_ros.engines",
                "cfgrl_ros.image", "cfgrl_ros.control", "cfgrl_ros.sim", "training.data", "training.train",
-               "training.evaluate", "training.export", "training.generate_dataset", "training.reproduce"]
+               "training.evaluate", "training.export", "training.generate_dataset", "training.reproduce",
+               "training.bags_to_dataset"]
     code = ("import sys\n"
             "for name in ('rclpy', 'sensor_msgs', 'std_msgs', 'builtin_interfaces', 'cfgrl_ros.msg'):\n"
             "    sys.modules[name] = None  # any import of them now raises ImportError\n"

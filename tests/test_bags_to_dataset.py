@@ -1,0 +1,152 @@
+"""cfgrl-bags-to-dataset: real rosbag2 bags on disk become an OGBench-format dataset that ogbench,
+the project's loader and cfgrl-train take; what cannot be training data is refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cfgrl_ros import bags
+from cfgrl_ros.image import fit_to_policy
+from training.bags_to_dataset import ImportBagError, ImportSettings, import_bags, main
+from training.data import load_dataset_pair
+
+PERIOD_NS = 50_000_000  # a 20 Hz camera
+SETTINGS = ImportSettings(image_size=16)
+
+
+def random_frames(count: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, 24, 32, 3), dtype=np.uint8)
+
+
+def teleop_bag(path, frames: np.ndarray, actions: np.ndarray, pause_after: int | None = None,
+               encoding: str = "rgb8", action_topic: str = "/teleop/command") -> None:
+    """Camera frames, each followed 5 ms later by a Float32MultiArray command; a 3 s pause after
+    frame `pause_after`."""
+    with bags.BagWriter(path) as writer:
+        for i, (frame, action) in enumerate(zip(frames, actions)):
+            t = 10**9 + i * PERIOD_NS + (3 * 10**9 if pause_after is not None and i > pause_after else 0)
+            message = bags.image_message(frame[:, :, ::-1] if encoding == "bgr8" else frame, t)
+            message.encoding = encoding
+            writer.write("/camera/image", bags.IMAGE_TYPE, t, message)
+            writer.write(action_topic, bags.VECTOR_TYPE, t + 5_000_000, bags.vector_message(action))
+
+
+def policy_bag(path, frames: np.ndarray, actions: np.ndarray, stale_at: int) -> None:
+    """What cfgrl_recorder records: frames and PolicyActions matched by image_stamp, one stale stop."""
+    types = bags.typestore().types
+    with bags.BagWriter(path) as writer:
+        for i, (frame, action) in enumerate(zip(frames, actions)):
+            t = 10**9 + i * PERIOD_NS
+            writer.write("/camera/image", bags.IMAGE_TYPE, t, bags.image_message(frame, t))
+            header = types["std_msgs/msg/Header"](stamp=bags.make_stamp(t + 2000), frame_id="base_link")
+            message = types[bags.POLICY_ACTION_TYPE](
+                header=header, image_stamp=bags.make_stamp(t), action=action.astype(np.float32), w=3.0,
+                flow_steps=16, inference_time_ms=0.0 if i == stale_at else 4.0)
+            writer.write("/action", bags.POLICY_ACTION_TYPE, t + 3000, message)
+
+
+def test_teleop_bags_become_a_dataset_that_loads_and_trains(tmp_path):
+    import ogbench
+
+    from training.train import TrainConfig, train
+
+    rng = np.random.default_rng(0)
+    frames = [random_frames(12, 1), random_frames(8, 2), random_frames(6, 3)]
+    actions = [rng.uniform(-1, 1, (len(f), 3)).astype(np.float32) for f in frames]
+    teleop_bag(tmp_path / "bag0", frames[0], actions[0], pause_after=4)  # two episodes: 5 + 7 rows
+    teleop_bag(tmp_path / "bag1", frames[1], actions[1], encoding="bgr8")
+    teleop_bag(tmp_path / "bag2", frames[2], actions[2])
+    settings = ImportSettings(camera_topic="/camera/image", action_topic="teleop/command", image_size=16)
+    out = tmp_path / "data" / "robot-v0.npz"
+    record = import_bags([tmp_path / f"bag{i}" for i in range(3)], out, settings)
+
+    assert record["episodes"] == [3, 1] and record["rows"] == [5 + 7 + 8, 6]
+    assert record["bags"] == {str(tmp_path / "bag0"): 2, str(tmp_path / "bag1"): 1, str(tmp_path / "bag2"): 1}
+    assert json.loads(out.with_suffix(".json").read_text())["rows"] == [20, 6]
+    with np.load(out) as raw:
+        np.testing.assert_array_equal(raw["actions"], np.concatenate([actions[0], actions[1]]))
+        assert np.flatnonzero(raw["terminals"]).tolist() == [4, 11, 19]
+        expected = [fit_to_policy(f, 16) for f in (*frames[0], *frames[1])]  # as the node resizes
+        np.testing.assert_array_equal(raw["observations"], np.stack(expected))
+    data = ogbench.load_dataset(str(out), compact_dataset=True)
+    assert data["observations"].shape == (20, 16, 16, 3) and data["valids"].sum() == 20 - 3
+    train_split, val_split = load_dataset_pair(out, cache_dir=tmp_path / "cache")
+    assert len(val_split) == 6 and val_split.action_dim == 3
+
+    config = TrainConfig(dataset=str(out), out=str(tmp_path / "run"), goal_mode="image", steps=2, batch_size=4,
+                         log_every=1, val_every=2, val_batches=1, save_every=2)
+    assert train(config).is_file()
+
+
+def test_policy_actions_pair_by_image_stamp_and_stale_stops_split_episodes(tmp_path):
+    frames = random_frames(9, 4)
+    actions = np.random.default_rng(5).uniform(-1, 1, (9, 2)).astype(np.float32)
+    policy_bag(tmp_path / "bag", frames, actions, stale_at=4)
+    record = import_bags([tmp_path / "bag"], tmp_path / "policy-v0.npz", SETTINGS)
+    assert record["stale_stops"] == 1 and record["episodes"] == [1, 1] and record["rows"] == [4, 4]
+    with np.load(tmp_path / "policy-v0.npz") as raw, np.load(tmp_path / "policy-v0-val.npz") as val:
+        np.testing.assert_array_equal(raw["actions"], actions[:4])
+        np.testing.assert_array_equal(val["actions"], actions[5:])
+        np.testing.assert_array_equal(val["observations"][0], fit_to_policy(frames[5], 16))
+
+
+def test_actions_without_a_fresh_frame_end_the_episode(tmp_path):
+    frames = random_frames(6, 6)
+    actions = np.random.default_rng(6).uniform(-1, 1, (7, 2)).astype(np.float32)
+    with bags.BagWriter(tmp_path / "bag") as writer:
+        for i in range(6):
+            t = 10**9 + i * PERIOD_NS
+            if i != 3:  # frame 3 is lost: command 3 is paired with frame 2, 55 ms old (fresh: under 0.5 s)
+                writer.write("/camera/image", bags.IMAGE_TYPE, t, bags.image_message(frames[i], t))
+            writer.write("/action", bags.VECTOR_TYPE, t + 5_000_000, bags.vector_message(actions[i]))
+        # 0.65 s after the newest frame, yet within the episode gap: no fresh frame, the episode ends before it.
+        writer.write("/action", bags.VECTOR_TYPE, 10**9 + 5 * PERIOD_NS + 650_000_000, bags.vector_message(actions[6]))
+    teleop_bag(tmp_path / "second", random_frames(3, 7), actions[:3], action_topic="/action")
+    settings = ImportSettings(action_topic="action", image_size=16)
+    record = import_bags([tmp_path / "bag", tmp_path / "second"], tmp_path / "d-v0.npz", settings)
+    assert record["without_frame"] == 1 and record["episodes"] == [1, 1] and record["rows"] == [6, 3]
+    with np.load(tmp_path / "d-v0.npz") as raw:
+        np.testing.assert_array_equal(raw["actions"], actions[:6])
+        np.testing.assert_array_equal(raw["observations"][3], fit_to_policy(frames[2], 16))
+
+
+@pytest.mark.parametrize("bad_action, message", [(np.array([0.5, np.nan]), "must be finite"),
+                                                 (np.array([0.5, 1.5]), "within \\[-1, 1\\]")])
+def test_actions_that_cannot_be_trained_on_are_refused(tmp_path, bad_action, message):
+    actions = np.zeros((4, 2), np.float32)
+    actions[2] = bad_action
+    teleop_bag(tmp_path / "bag", random_frames(4, 7), actions)
+    with pytest.raises(ImportBagError, match=f"bag: action at t=.* ns is .*{message}"):
+        import_bags([tmp_path / "bag"], tmp_path / "d-v0.npz", ImportSettings(action_topic="teleop/command"))
+
+
+def test_command_line_mistakes_are_one_line_errors(tmp_path):
+    teleop_bag(tmp_path / "one", random_frames(4, 8), np.zeros((4, 2), np.float32))
+    cases = [
+        ([str(tmp_path / "one"), "--out", str(tmp_path / "d-v0.npz")], "no action topic 'action'"),
+        ([str(tmp_path / "one"), "--action-topic", "camera/image", "--out", str(tmp_path / "d-v0.npz")],
+         "holds sensor_msgs/msg/Image; actions must be one of"),
+        ([str(tmp_path / "one"), "--action-topic", "teleop/command", "--out", str(tmp_path / "d-v0.npz")],
+         "1 usable episode\\(s\\) in 1 bag\\(s\\).*need at least 2"),
+        ([str(tmp_path / "missing"), "--out", str(tmp_path / "d-v0.npz")], "not a rosbag2 bag"),
+        ([str(tmp_path / "one"), "--out", str(tmp_path / "d.h5")], "--out must be a .npz file"),
+        ([str(tmp_path / "one"), "--val-fraction", "1", "--out", str(tmp_path / "d-v0.npz")],
+         "val_fraction must be within \\(0, 1\\)"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert str(exit_info.value.code).startswith("cfgrl-bags-to-dataset: error: "), exit_info.value.code
+        assert __import__("re").search(message, str(exit_info.value.code)), exit_info.value.code
+
+
+def test_an_existing_dataset_is_replaced_only_on_request(tmp_path):
+    teleop_bag(tmp_path / "bag", random_frames(8, 9), np.zeros((8, 2), np.float32), pause_after=3)
+    settings = ImportSettings(action_topic="teleop/command", image_size=16)
+    import_bags([tmp_path / "bag"], tmp_path / "d-v0.npz", settings)
+    with pytest.raises(ImportBagError, match="exists; pass --overwrite"):
+        import_bags([tmp_path / "bag"], tmp_path / "d-v0.npz", settings)
+    assert import_bags([tmp_path / "bag"], tmp_path / "d-v0.npz", settings, overwrite=True)["rows"] == [4, 4]

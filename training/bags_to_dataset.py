@@ -1,0 +1,231 @@
+"""Turn rosbag2 recordings of a robot into an OGBench-format dataset (`cfgrl-bags-to-dataset`).
+
+    cfgrl-bags-to-dataset demo_bags/* --out data/robot-v0.npz          # then: cfgrl-train --goal-mode image
+
+Each row is one recorded action and the camera frame it was chosen on:
+- cfgrl_ros/msg/PolicyAction (what cfgrl_recorder records): the frame whose header stamp is the
+  action's image_stamp. Stale-input stops (inference_time_ms == 0) are not demonstrations: they end
+  the episode and are left out.
+- std_msgs/msg/Float32MultiArray (e.g. a teleoperation command): the newest frame received at or
+  before the action, if it is at most --max-image-age-s older; otherwise the episode ends there.
+
+Every bag starts a new episode, and so does a pause of more than --episode-gap-s between actions.
+Frames are decoded and resized exactly as the policy node does (cfgrl_ros/image.py), so training sees
+what the robot's node will. The last --val-fraction of the episodes (at least one) form `<name>-val.npz`.
+Bags hold no simulator state, hence no oracle goals: train with `--goal-mode image`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from cfgrl_ros import bags
+from cfgrl_ros.image import ImageError, fit_to_policy, image_to_rgb
+from training.data import DatasetError, load_dataset_pair, val_path_for
+
+ACTION_TYPES = (bags.POLICY_ACTION_TYPE, bags.VECTOR_TYPE)
+
+
+class ImportBagError(ValueError):
+    """A bag that cannot become training data; the message names the bag and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportSettings:
+    camera_topic: str = "camera/image"
+    action_topic: str = "action"
+    image_size: int = 64
+    episode_gap_s: float = 1.0
+    max_image_age_s: float = 0.5
+    min_episode_length: int = 2  # an episode's last row has no next state: two rows give one sample
+    val_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        problems = [f"{name} must be {rule}, got {getattr(self, name)!r}" for name, rule, ok in (
+            ("image_size", ">= 8", self.image_size >= 8),
+            ("episode_gap_s", "finite and > 0", math.isfinite(self.episode_gap_s) and self.episode_gap_s > 0),
+            ("max_image_age_s", "finite and > 0", math.isfinite(self.max_image_age_s) and self.max_image_age_s > 0),
+            ("min_episode_length", ">= 2", self.min_episode_length >= 2),
+            ("val_fraction", "within (0, 1)", 0 < self.val_fraction < 1),
+        ) if not ok]
+        if problems:
+            raise ImportBagError("; ".join(problems))
+
+
+@dataclasses.dataclass
+class Counts:
+    """What was kept and what was left out, for the summary and the record."""
+
+    actions_read: int = 0
+    stale_stops: int = 0  # PolicyAction stops on stale inputs
+    without_frame: int = 0  # no (fresh) frame to pair with
+    short_episode_rows: int = 0  # rows of episodes under min_episode_length
+    short_episodes: int = 0
+
+
+def bag_episodes(path: Path, settings: ImportSettings, counts: Counts) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(observations (T, S, S, 3) uint8, actions (T, A) float32) per episode of one bag."""
+    camera, action_topic = bags.same_topic(settings.camera_topic), bags.same_topic(settings.action_topic)
+    topics = {bags.same_topic(name): msgtype for name, (msgtype, _) in bags.bag_topics(path).items()}
+    for topic, what in ((camera, "camera"), (action_topic, "action")):
+        if topic not in topics:
+            raise ImportBagError(f"{path}: no {what} topic {topic!r} (topics: {sorted(topics)})")
+    if topics[action_topic] not in ACTION_TYPES:
+        raise ImportBagError(f"{path}: {action_topic} holds {topics[action_topic]}; actions must be one of "
+                             f"{', '.join(ACTION_TYPES)}")
+    frames: list[np.ndarray] = []
+    frame_by_stamp: dict[int, int] = {}
+    newest: tuple[int, int] | None = None  # (receive time, frame index)
+    episodes, rows, last_action_ns = [], [], None
+
+    def end_episode() -> None:
+        nonlocal rows
+        if len(rows) >= settings.min_episode_length:
+            episodes.append(rows)
+        elif rows:
+            counts.short_episodes += 1
+            counts.short_episode_rows += len(rows)
+        rows = []
+
+    for item in bags.read_bag(path, {camera: bags.IMAGE_TYPE, action_topic: topics[action_topic]}):
+        if bags.same_topic(item.topic) == camera:
+            try:
+                frames.append(fit_to_policy(image_to_rgb(item.message), settings.image_size))
+            except ImageError as error:
+                raise ImportBagError(f"{path}: camera frame {len(frames)} at t={item.timestamp_ns} ns: {error}") from None
+            frame_by_stamp[bags.stamp_ns(item.message.header.stamp)] = len(frames) - 1
+            newest = (item.timestamp_ns, len(frames) - 1)
+            continue
+        counts.actions_read += 1
+        if last_action_ns is not None and (item.timestamp_ns - last_action_ns) * 1e-9 > settings.episode_gap_s:
+            end_episode()
+        last_action_ns = item.timestamp_ns
+        if item.msgtype == bags.POLICY_ACTION_TYPE:
+            if item.message.inference_time_ms <= 0:
+                counts.stale_stops += 1
+                end_episode()
+                continue
+            frame = frame_by_stamp.get(bags.stamp_ns(item.message.image_stamp))
+            values = item.message.action
+        else:
+            fresh = newest is not None and (item.timestamp_ns - newest[0]) * 1e-9 <= settings.max_image_age_s
+            frame = newest[1] if fresh else None
+            values = item.message.data
+        if frame is None:
+            counts.without_frame += 1
+            end_episode()
+            continue
+        rows.append((frame, _checked_action(values, path, item.timestamp_ns)))
+    end_episode()
+    return [(np.stack([frames[f] for f, _ in episode]), np.stack([a for _, a in episode])) for episode in episodes]
+
+
+def _checked_action(values, path: Path, timestamp_ns: int) -> np.ndarray:
+    """The policy samples actions in [-1, 1]: data outside it would be learned but never output."""
+    action = np.asarray(values, dtype=np.float32).copy()
+    if action.ndim != 1 or action.size == 0 or not np.isfinite(action).all() or np.abs(action).max() > 1 + 1e-6:
+        raise ImportBagError(f"{path}: action at t={timestamp_ns} ns is {action.tolist()}; actions must be finite, "
+                             "non-empty and within [-1, 1] (scale them to the robot's limits in the robot's "
+                             "adapter, docs/robot.md)")
+    return np.clip(action, -1, 1)
+
+
+def write_split(path: Path, episodes: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """OGBench's compact layout: observations, actions, terminals (true on each episode's last row)."""
+    terminals = np.concatenate([np.arange(len(actions)) == len(actions) - 1 for _, actions in episodes])
+    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(partial, "wb") as file:
+        np.savez_compressed(file, observations=np.concatenate([obs for obs, _ in episodes]),
+                            actions=np.concatenate([actions for _, actions in episodes]), terminals=terminals)
+    os.replace(partial, path)  # a reader never sees half a file
+
+
+def import_bags(bag_paths: list[Path], out: Path, settings: ImportSettings = ImportSettings(),
+                overwrite: bool = False) -> dict:
+    """Write `out` and its `-val.npz` from the bags; returns the record (also written as `<name>.json`)."""
+    val_out, record_path = val_path_for(out), out.with_suffix(".json")
+    existing = [p for p in (out, val_out) if p.exists()]
+    if existing and not overwrite:
+        raise ImportBagError(f"{', '.join(map(str, existing))} exists; pass --overwrite to replace it")
+    counts, episodes, per_bag = Counts(), [], {}
+    for path in tqdm(bag_paths, desc="bags", unit="bag"):
+        try:
+            found = bag_episodes(path, settings, counts)
+        except bags.BagError as error:
+            raise ImportBagError(str(error)) from None
+        per_bag[str(path)] = len(found)
+        episodes += found
+    dims = {actions.shape[1] for _, actions in episodes}
+    if len(dims) > 1:
+        raise ImportBagError(f"the bags hold actions of different lengths {sorted(dims)}")
+    if len(episodes) < 2:
+        raise ImportBagError(f"{len(episodes)} usable episode(s) in {len(bag_paths)} bag(s) (per bag: {per_bag}); "
+                             "need at least 2, one for training and one for validation")
+    num_val = min(len(episodes) - 1, max(1, round(len(episodes) * settings.val_fraction)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_split(out, episodes[:-num_val])
+    write_split(val_out, episodes[-num_val:])
+    with tempfile.TemporaryDirectory() as cache:  # read back by the training loader before anyone trains on it
+        try:
+            rows = tuple(len(split) for split in load_dataset_pair(out, cache_dir=cache))
+        except DatasetError as error:
+            raise ImportBagError(f"the written dataset does not load back: {error}") from error
+    record = dict(settings=dataclasses.asdict(settings), bags=per_bag, episodes=[len(episodes) - num_val, num_val],
+                  rows=list(rows), action_dim=dims.pop(), **dataclasses.asdict(counts))
+    record_path.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="cfgrl-bags-to-dataset", description=__doc__.split("\n\n")[0])
+    defaults = ImportSettings()
+    parser.add_argument("bags", nargs="+", type=Path, help="rosbag2 bag directories, one or more episodes each")
+    parser.add_argument("--out", type=Path, required=True, help="<name>.npz to write (and <name>-val.npz beside it)")
+    parser.add_argument("--camera-topic", default=defaults.camera_topic, help="sensor_msgs/Image topic "
+                        f"(default: {defaults.camera_topic})")
+    parser.add_argument("--action-topic", default=defaults.action_topic, help="PolicyAction or Float32MultiArray "
+                        f"topic (default: {defaults.action_topic})")
+    parser.add_argument("--image-size", type=int, default=defaults.image_size,
+                        help=f"frames are resized to this square size (default: {defaults.image_size})")
+    parser.add_argument("--episode-gap-s", type=float, default=defaults.episode_gap_s,
+                        help=f"a pause between actions longer than this starts an episode (default: {defaults.episode_gap_s})")
+    parser.add_argument("--max-image-age-s", type=float, default=defaults.max_image_age_s,
+                        help="Float32MultiArray actions: the newest frame may be at most this old "
+                        f"(default: {defaults.max_image_age_s})")
+    parser.add_argument("--min-episode-length", type=int, default=defaults.min_episode_length,
+                        help=f"shorter episodes are left out (default: {defaults.min_episode_length})")
+    parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
+                        help=f"the last episodes, this fraction of them, validate (default: {defaults.val_fraction})")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        settings = ImportSettings(args.camera_topic, args.action_topic, args.image_size, args.episode_gap_s,
+                                  args.max_image_age_s, args.min_episode_length, args.val_fraction)
+        if args.out.suffix != ".npz":
+            raise ImportBagError(f"--out must be a .npz file, got {args.out}")
+        record = import_bags(args.bags, args.out, settings, args.overwrite)
+    except (ImportBagError, OSError) as error:
+        sys.exit(f"cfgrl-bags-to-dataset: error: {error}")
+    left_out = (f"left out: {record['stale_stops']} stale-input stops, {record['without_frame']} actions without a "
+                f"fresh frame, {record['short_episodes']} episodes under {settings.min_episode_length} rows")
+    print(f"wrote {args.out} ({record['episodes'][0]} episodes, {record['rows'][0]} rows) and "
+          f"{val_path_for(args.out).name} ({record['episodes'][1]} episodes, {record['rows'][1]} rows); {left_out}")
+    print(f"train on it with: cfgrl-train --dataset {args.out} --goal-mode image")
+
+
+if __name__ == "__main__":
+    main()
