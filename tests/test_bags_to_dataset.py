@@ -93,6 +93,23 @@ def test_policy_actions_pair_by_image_stamp_and_stale_stops_split_episodes(tmp_p
         np.testing.assert_array_equal(val["observations"][0], fit_to_policy(frames[5], 16))
 
 
+def test_joystick_axes_are_actions(tmp_path):
+    types = bags.typestore().types
+    frames = random_frames(8, 10)
+    axes = np.random.default_rng(10).uniform(-1, 1, (8, 4)).astype(np.float32)
+    with bags.BagWriter(tmp_path / "bag") as writer:
+        for i in range(8):
+            t = 10**9 + i * PERIOD_NS + (2 * 10**9 if i >= 4 else 0)  # a pause: two episodes
+            writer.write("/camera/image", bags.IMAGE_TYPE, t, bags.image_message(frames[i], t))
+            header = types["std_msgs/msg/Header"](stamp=bags.make_stamp(t), frame_id="joy")
+            joy = types["sensor_msgs/msg/Joy"](header=header, axes=axes[i], buttons=np.zeros(2, np.int32))
+            writer.write("/joy", "sensor_msgs/msg/Joy", t + 1_000_000, joy)
+    record = import_bags([tmp_path / "bag"], tmp_path / "joy-v0.npz", ImportSettings(action_topic="joy", image_size=16))
+    assert record["episodes"] == [1, 1] and record["action_dim"] == 4
+    with np.load(tmp_path / "joy-v0.npz") as raw:
+        np.testing.assert_array_equal(raw["actions"], axes[:4])
+
+
 def test_actions_without_a_fresh_frame_end_the_episode(tmp_path):
     frames = random_frames(6, 6)
     actions = np.random.default_rng(6).uniform(-1, 1, (7, 2)).astype(np.float32)

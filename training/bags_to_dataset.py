@@ -6,8 +6,9 @@ Each row is one recorded action and the camera frame it was chosen on:
 - cfgrl_ros/msg/PolicyAction (what cfgrl_recorder records): the frame whose header stamp is the
   action's image_stamp. Stale-input stops (inference_time_ms == 0) are not demonstrations: they end
   the episode and are left out.
-- std_msgs/msg/Float32MultiArray (e.g. a teleoperation command): the newest frame received at or
-  before the action, if it is at most --max-image-age-s older; otherwise the episode ends there.
+- std_msgs/msg/Float32MultiArray (e.g. a teleoperation command) or sensor_msgs/msg/Joy (its axes):
+  the newest frame received at or before the action, if it is at most --max-image-age-s older;
+  otherwise the episode ends there.
 
 Every bag starts a new episode, and so does a pause of more than --episode-gap-s between actions.
 Frames are decoded and resized exactly as the policy node does (cfgrl_ros/image.py), so training sees
@@ -33,7 +34,10 @@ from cfgrl_ros import bags
 from cfgrl_ros.image import ImageError, fit_to_policy, image_to_rgb
 from training.data import DatasetError, load_dataset_pair, val_path_for
 
-ACTION_TYPES = (bags.POLICY_ACTION_TYPE, bags.VECTOR_TYPE)
+JOY_TYPE = "sensor_msgs/msg/Joy"
+# The field holding the action vector, per accepted message type.
+ACTION_FIELDS = {bags.POLICY_ACTION_TYPE: "action", bags.VECTOR_TYPE: "data", JOY_TYPE: "axes"}
+ACTION_TYPES = tuple(ACTION_FIELDS)
 
 
 class ImportBagError(ValueError):
@@ -116,11 +120,10 @@ def bag_episodes(path: Path, settings: ImportSettings, counts: Counts) -> list[t
                 end_episode()
                 continue
             frame = frame_by_stamp.get(bags.stamp_ns(item.message.image_stamp))
-            values = item.message.action
         else:
             fresh = newest is not None and (item.timestamp_ns - newest[0]) * 1e-9 <= settings.max_image_age_s
             frame = newest[1] if fresh else None
-            values = item.message.data
+        values = getattr(item.message, ACTION_FIELDS[item.msgtype])
         if frame is None:
             counts.without_frame += 1
             end_episode()
@@ -193,14 +196,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="<name>.npz to write (and <name>-val.npz beside it)")
     parser.add_argument("--camera-topic", default=defaults.camera_topic, help="sensor_msgs/Image topic "
                         f"(default: {defaults.camera_topic})")
-    parser.add_argument("--action-topic", default=defaults.action_topic, help="PolicyAction or Float32MultiArray "
-                        f"topic (default: {defaults.action_topic})")
+    parser.add_argument("--action-topic", default=defaults.action_topic, help="PolicyAction, Float32MultiArray or "
+                        f"Joy topic (default: {defaults.action_topic})")
     parser.add_argument("--image-size", type=int, default=defaults.image_size,
                         help=f"frames are resized to this square size (default: {defaults.image_size})")
     parser.add_argument("--episode-gap-s", type=float, default=defaults.episode_gap_s,
                         help=f"a pause between actions longer than this starts an episode (default: {defaults.episode_gap_s})")
     parser.add_argument("--max-image-age-s", type=float, default=defaults.max_image_age_s,
-                        help="Float32MultiArray actions: the newest frame may be at most this old "
+                        help="Float32MultiArray and Joy actions: the newest frame may be at most this old "
                         f"(default: {defaults.max_image_age_s})")
     parser.add_argument("--min-episode-length", type=int, default=defaults.min_episode_length,
                         help=f"shorter episodes are left out (default: {defaults.min_episode_length})")
