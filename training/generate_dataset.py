@@ -755,9 +755,7 @@ def main(argv: list[str] | None = None) -> None:
             shard_episodes=args.shard_episodes,
         )
         generate(cfg, args.out_dir, args.workers, args.keep_shards, args.overwrite, args.preview)
-    except GENERATION_ERRORS as err:
-        sys.exit(f'cfgrl-generate: error: {err}')
-    except OSError as err:  # a full disk, a read-only --out-dir, ...
+    except (*GENERATION_ERRORS, OSError) as err:  # OSError: a full disk, a read-only --out-dir, ...
         sys.exit(f'cfgrl-generate: error: {err}')
     except KeyboardInterrupt:
         print(f'\ncfgrl-generate: interrupted; the finished shards are kept in {args.out_dir}: '

@@ -38,6 +38,9 @@ class TrainError(ValueError):
     """Training cannot start as asked (settings that do not fit, a checkpoint that is not this run's)."""
 
 
+CHOICES = {"goal_mode": ("oracle", "image"), "goal_encoder": ("shared", "separate"), "precision": ("bf16", "fp32")}
+
+
 @dataclasses.dataclass
 class TrainConfig:
     dataset: str = ""
@@ -70,9 +73,7 @@ class TrainConfig:
             ("lr", "finite and > 0", math.isfinite(self.lr) and self.lr > 0),
             ("p_aug", "within [0, 1]", 0 <= self.p_aug <= 1),
             ("condition_dropout", "within [0, 1)", 0 <= self.condition_dropout < 1),
-            ("goal_mode", "oracle or image", self.goal_mode in ("oracle", "image")),
-            ("goal_encoder", "shared or separate", self.goal_encoder in ("shared", "separate")),
-            ("precision", "bf16 or fp32", self.precision in ("bf16", "fp32")),
+            *((name, " or ".join(values), getattr(self, name) in values) for name, values in CHOICES.items()),
             *((name, ">= 1", getattr(self, name) >= 1) for name in ("log_every", "val_every", "val_batches",
                                                                      "save_every")),
         ) if not ok]
@@ -341,7 +342,6 @@ FLAG_HELP = {  # what each TrainConfig field means on the command line; its defa
     "compile": "torch.compile the network",
     "precision": "bf16 autocast or fp32 (TF32) on CUDA; CPU always trains in fp32",
 }
-FLAG_CHOICES = {"goal_mode": ("oracle", "image"), "goal_encoder": ("shared", "separate"), "precision": ("bf16", "fp32")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             parser.add_argument(flag, type={"int": int, "float": float}.get(field.type, str), default=None,
-                                choices=FLAG_CHOICES.get(field.name), help=help_text)
+                                choices=CHOICES.get(field.name), help=help_text)
     return parser
 
 
