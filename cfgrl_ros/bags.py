@@ -29,6 +29,7 @@ POLICY_ACTION_TYPE = "cfgrl_ros/msg/PolicyAction"
 IMAGE_TYPE = "sensor_msgs/msg/Image"
 VECTOR_TYPE = "std_msgs/msg/Float32MultiArray"
 STRING_TYPE = "std_msgs/msg/String"
+JOY_TYPE = "sensor_msgs/msg/Joy"
 
 
 class BagError(ValueError):

@@ -110,6 +110,34 @@ def test_joystick_axes_are_actions(tmp_path):
         np.testing.assert_array_equal(raw["actions"], axes[:4])
 
 
+def test_stamped_commands_pair_by_stamp_whatever_the_receive_order(tmp_path):
+    """A recorder that got command i before frame i (a delayed camera callback) still pairs them by the
+    header stamps; with unstamped frames it can only go by receive time, and pairs command i with frame i-1."""
+    types = bags.typestore().types
+    frames = random_frames(6, 12)
+    axes = np.linspace(-1, 1, 12, dtype=np.float32).reshape(6, 2)
+
+    def write(path, stamp_frames: bool) -> None:
+        with bags.BagWriter(path) as writer:
+            for i in range(6):
+                t = 10**9 + i * PERIOD_NS
+                header = types["std_msgs/msg/Header"](stamp=bags.make_stamp(t + 1_000_000), frame_id="joy")
+                joy = types["sensor_msgs/msg/Joy"](header=header, axes=axes[i], buttons=np.zeros(0, np.int32))
+                writer.write("/joy", bags.JOY_TYPE, t + 2_000_000, joy)  # received first
+                writer.write("/camera/image", bags.IMAGE_TYPE, t + 3_000_000,
+                             bags.image_message(frames[i], t if stamp_frames else 0))
+
+    write(tmp_path / "stamped", True)
+    write(tmp_path / "unstamped", False)
+    settings = ImportSettings(action_topic="joy", image_size=16, min_episode_length=2)
+    # (frame, command) rows; unstamped, command 0 comes before any frame and is left out.
+    for name, pairs in (("stamped", [(i, i) for i in range(6)]), ("unstamped", [(i - 1, i) for i in range(1, 6)])):
+        import_bags([tmp_path / name, tmp_path / "stamped"], tmp_path / f"{name}-v0.npz", settings)
+        with np.load(tmp_path / f"{name}-v0.npz") as raw:
+            np.testing.assert_array_equal(raw["observations"], np.stack([fit_to_policy(frames[f], 16) for f, _ in pairs]))
+            np.testing.assert_array_equal(raw["actions"], axes[[a for _, a in pairs]])
+
+
 def test_actions_without_a_fresh_frame_end_the_episode(tmp_path):
     frames = random_frames(6, 6)
     actions = np.random.default_rng(6).uniform(-1, 1, (7, 2)).astype(np.float32)
@@ -167,3 +195,62 @@ def test_an_existing_dataset_is_replaced_only_on_request(tmp_path):
     with pytest.raises(ImportBagError, match="exists; pass --overwrite"):
         import_bags([tmp_path / "bag"], tmp_path / "d-v0.npz", settings)
     assert import_bags([tmp_path / "bag"], tmp_path / "d-v0.npz", settings, overwrite=True)["rows"] == [4, 4]
+
+
+@pytest.mark.requires_rclpy
+def test_a_demonstration_recorded_over_dds_becomes_a_dataset(ros_env, tmp_path):
+    """cfgrl_recorder --teleop-topic records a camera and a joystick over real DDS; SIGINT closes the bag,
+    and cfgrl-bags-to-dataset makes two episodes of it (a 2 s pause splits them), each command on the
+    frame stamped just before it, whatever order the recorder received them in."""
+    import signal
+    import subprocess
+    import sys
+
+    frames = random_frames(20, 11)
+    np.save(tmp_path / "frames.npy", frames)
+    recorder = subprocess.Popen([sys.executable, "-m", "cfgrl_ros.nodes.recorder", "--out", str(tmp_path / "demo"),
+                                 "--teleop-topic", "teleop/joy", "--teleop-type", "joy"],
+                                env=ros_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    teleoperator = f"""
+import time, numpy as np, rclpy
+from rclpy.qos import QoSProfile
+from sensor_msgs.msg import Image, Joy
+rclpy.init()
+node = rclpy.create_node("teleoperator")
+camera = node.create_publisher(Image, "camera/image", QoSProfile(depth=50))
+joy = node.create_publisher(Joy, "teleop/joy", QoSProfile(depth=50))
+deadline = time.monotonic() + 60
+while not (camera.get_subscription_count() and joy.get_subscription_count()) and time.monotonic() < deadline:
+    time.sleep(0.05)
+assert camera.get_subscription_count() and joy.get_subscription_count(), "the recorder never subscribed"
+time.sleep(1.0)  # past discovery: no early message lost
+for i, frame in enumerate(np.load({str(tmp_path / "frames.npy")!r})):
+    if i == 10:
+        time.sleep(2.0)  # the operator pauses: a new episode
+    image = Image(height=24, width=32, encoding="rgb8", step=96, data=frame.tobytes())
+    image.header.stamp = node.get_clock().now().to_msg()  # as a camera driver stamps its frames
+    camera.publish(image)
+    time.sleep(0.01)
+    command = Joy(axes=[i / 20, -i / 20])
+    command.header.stamp = node.get_clock().now().to_msg()  # as joy_node stamps its messages
+    joy.publish(command)
+    time.sleep(0.04)
+time.sleep(1.0)  # reliable delivery of the last messages
+"""
+    try:
+        completed = subprocess.run([sys.executable, "-c", teleoperator], env=ros_env, capture_output=True, text=True,
+                                   timeout=120)
+        assert completed.returncode == 0, completed.stdout + completed.stderr
+    finally:
+        recorder.send_signal(signal.SIGINT)
+        log = recorder.communicate(timeout=30)[0]
+    assert recorder.returncode == 0, log
+
+    record = import_bags([tmp_path / "demo"], tmp_path / "demo-v0.npz",
+                         ImportSettings(action_topic="/teleop/joy", image_size=16))
+    assert record["episodes"] == [1, 1] and record["rows"] == [10, 10], record
+    with np.load(tmp_path / "demo-v0.npz") as raw, np.load(tmp_path / "demo-v0-val.npz") as val:
+        actions = np.concatenate([raw["actions"], val["actions"]])
+        np.testing.assert_allclose(actions, np.stack([np.arange(20) / 20, -np.arange(20) / 20], 1), rtol=1e-6)
+        observations = np.concatenate([raw["observations"], val["observations"]])
+        np.testing.assert_array_equal(observations, np.stack([fit_to_policy(f, 16) for f in frames]))

@@ -6,9 +6,11 @@ Each row is one recorded action and the camera frame it was chosen on:
 - cfgrl_ros/msg/PolicyAction (what cfgrl_recorder records): the frame whose header stamp is the
   action's image_stamp. Stale-input stops (inference_time_ms == 0) are not demonstrations: they end
   the episode and are left out.
-- std_msgs/msg/Float32MultiArray (e.g. a teleoperation command) or sensor_msgs/msg/Joy (its axes):
-  the newest frame received at or before the action, if it is at most --max-image-age-s older;
-  otherwise the episode ends there.
+- sensor_msgs/msg/Joy (its axes) or std_msgs/msg/Float32MultiArray (e.g. a teleoperation command):
+  the newest frame at or before the action, if it is at most --max-image-age-s older; otherwise the
+  episode ends there. Joy messages and frames that both carry header stamps are paired by those
+  (the times they were made); otherwise by the times the recorder received them, which a delivery
+  delay can reorder.
 
 Every bag starts a new episode, and so does a pause of more than --episode-gap-s between actions.
 Frames are decoded and resized exactly as the policy node does (cfgrl_ros/image.py), so training sees
@@ -34,9 +36,8 @@ from cfgrl_ros import bags
 from cfgrl_ros.image import ImageError, fit_to_policy, image_to_rgb
 from training.data import DatasetError, load_dataset_pair, val_path_for
 
-JOY_TYPE = "sensor_msgs/msg/Joy"
 # The field holding the action vector, per accepted message type.
-ACTION_FIELDS = {bags.POLICY_ACTION_TYPE: "action", bags.VECTOR_TYPE: "data", JOY_TYPE: "axes"}
+ACTION_FIELDS = {bags.POLICY_ACTION_TYPE: "action", bags.VECTOR_TYPE: "data", bags.JOY_TYPE: "axes"}
 ACTION_TYPES = tuple(ACTION_FIELDS)
 
 
@@ -77,20 +78,36 @@ class Counts:
     short_episodes: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One recorded action message, reduced to what pairing needs."""
+
+    received_ns: int
+    stamp_ns: int  # its header stamp; 0 when it has none (Float32MultiArray) or it is unset
+    image_stamp_ns: int | None  # PolicyAction: the frame it was computed from
+    stale_stop: bool  # PolicyAction sent on stale inputs, not computed
+    values: np.ndarray
+
+
 def bag_episodes(path: Path, settings: ImportSettings, counts: Counts) -> list[tuple[np.ndarray, np.ndarray]]:
     """(observations (T, S, S, 3) uint8, actions (T, A) float32) per episode of one bag."""
-    camera, action_topic = bags.same_topic(settings.camera_topic), bags.same_topic(settings.action_topic)
-    topics = {bags.same_topic(name): msgtype for name, (msgtype, _) in bags.bag_topics(path).items()}
-    for topic, what in ((camera, "camera"), (action_topic, "action")):
-        if topic not in topics:
-            raise ImportBagError(f"{path}: no {what} topic {topic!r} (topics: {sorted(topics)})")
-    if topics[action_topic] not in ACTION_TYPES:
-        raise ImportBagError(f"{path}: {action_topic} holds {topics[action_topic]}; actions must be one of "
-                             f"{', '.join(ACTION_TYPES)}")
-    frames: list[np.ndarray] = []
-    frame_by_stamp: dict[int, int] = {}
-    newest: tuple[int, int] | None = None  # (receive time, frame index)
-    episodes, rows, last_action_ns = [], [], None
+    frames, frame_received, frame_stamps, commands = read_bag_topics(path, settings)
+    clocks = {}  # clock -> (frame indices in time order, their times)
+    for clock, times in (("received", frame_received), ("stamp", frame_stamps)):
+        order = np.argsort(np.asarray(times, dtype=np.int64), kind="stable")
+        clocks[clock] = (order, np.asarray(times, dtype=np.int64)[order])
+    frame_of_image_stamp = {stamp: i for i, stamp in enumerate(frame_stamps)}
+    stamped_frames = bool(frames) and min(frame_stamps) > 0
+
+    def newest_fresh(clock: str, t: int) -> int | None:
+        """The newest frame at or before t on that clock, if at most max_image_age_s older."""
+        order, times = clocks[clock]
+        position = int(np.searchsorted(times, t, side="right")) - 1
+        if position < 0 or (t - int(times[position])) * 1e-9 > settings.max_image_age_s:
+            return None
+        return int(order[position])
+
+    episodes, rows, last_ns = [], [], None
 
     def end_episode() -> None:
         nonlocal rows
@@ -101,36 +118,60 @@ def bag_episodes(path: Path, settings: ImportSettings, counts: Counts) -> list[t
             counts.short_episode_rows += len(rows)
         rows = []
 
-    for item in bags.read_bag(path, {camera: bags.IMAGE_TYPE, action_topic: topics[action_topic]}):
-        if bags.same_topic(item.topic) == camera:
-            try:
-                frames.append(fit_to_policy(image_to_rgb(item.message), settings.image_size))
-            except ImageError as error:
-                raise ImportBagError(f"{path}: camera frame {len(frames)} at t={item.timestamp_ns} ns: {error}") from None
-            frame_by_stamp[bags.stamp_ns(item.message.header.stamp)] = len(frames) - 1
-            newest = (item.timestamp_ns, len(frames) - 1)
-            continue
+    for command in commands:
         counts.actions_read += 1
-        if last_action_ns is not None and (item.timestamp_ns - last_action_ns) * 1e-9 > settings.episode_gap_s:
+        if last_ns is not None and (command.received_ns - last_ns) * 1e-9 > settings.episode_gap_s:
             end_episode()
-        last_action_ns = item.timestamp_ns
-        if item.msgtype == bags.POLICY_ACTION_TYPE:
-            if item.message.inference_time_ms <= 0:
-                counts.stale_stops += 1
-                end_episode()
-                continue
-            frame = frame_by_stamp.get(bags.stamp_ns(item.message.image_stamp))
+        last_ns = command.received_ns
+        if command.stale_stop:
+            counts.stale_stops += 1
+            end_episode()
+            continue
+        if command.image_stamp_ns is not None:
+            frame = frame_of_image_stamp.get(command.image_stamp_ns)
+        elif command.stamp_ns > 0 and stamped_frames:  # both stamped at the source: immune to delivery order
+            frame = newest_fresh("stamp", command.stamp_ns)
         else:
-            fresh = newest is not None and (item.timestamp_ns - newest[0]) * 1e-9 <= settings.max_image_age_s
-            frame = newest[1] if fresh else None
-        values = getattr(item.message, ACTION_FIELDS[item.msgtype])
+            frame = newest_fresh("received", command.received_ns)
         if frame is None:
             counts.without_frame += 1
             end_episode()
             continue
-        rows.append((frame, _checked_action(values, path, item.timestamp_ns)))
+        rows.append((frame, command.values))
     end_episode()
     return [(np.stack([frames[f] for f, _ in episode]), np.stack([a for _, a in episode])) for episode in episodes]
+
+
+def read_bag_topics(path: Path, settings: ImportSettings) -> tuple[list[np.ndarray], list[int], list[int], list[Command]]:
+    """(resized frames, their receive times, their header stamps, the commands) of one bag, in record order."""
+    camera, action_topic = bags.same_topic(settings.camera_topic), bags.same_topic(settings.action_topic)
+    topics = {bags.same_topic(name): msgtype for name, (msgtype, _) in bags.bag_topics(path).items()}
+    for topic, what in ((camera, "camera"), (action_topic, "action")):
+        if topic not in topics:
+            raise ImportBagError(f"{path}: no {what} topic {topic!r} (topics: {sorted(topics)})")
+    if topics[action_topic] not in ACTION_TYPES:
+        raise ImportBagError(f"{path}: {action_topic} holds {topics[action_topic]}; actions must be one of "
+                             f"{', '.join(ACTION_TYPES)}")
+    frames, received, stamps, commands = [], [], [], []
+    for item in bags.read_bag(path, {camera: bags.IMAGE_TYPE, action_topic: topics[action_topic]}):
+        message = item.message
+        if bags.same_topic(item.topic) == camera:
+            try:
+                frames.append(fit_to_policy(image_to_rgb(message), settings.image_size))
+            except ImageError as error:
+                raise ImportBagError(f"{path}: camera frame {len(frames)} at t={item.timestamp_ns} ns: {error}") from None
+            received.append(item.timestamp_ns)
+            stamps.append(bags.stamp_ns(message.header.stamp))
+            continue
+        policy_action = item.msgtype == bags.POLICY_ACTION_TYPE
+        values = getattr(message, ACTION_FIELDS[item.msgtype])
+        commands.append(Command(
+            received_ns=item.timestamp_ns,
+            stamp_ns=bags.stamp_ns(message.header.stamp) if hasattr(message, "header") else 0,
+            image_stamp_ns=bags.stamp_ns(message.image_stamp) if policy_action else None,
+            stale_stop=policy_action and message.inference_time_ms <= 0,
+            values=_checked_action(values, path, item.timestamp_ns)))
+    return frames, received, stamps, commands
 
 
 def _checked_action(values, path: Path, timestamp_ns: int) -> np.ndarray:

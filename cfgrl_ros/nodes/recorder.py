@@ -6,6 +6,9 @@ receive time, like `ros2 bag record`. The camera is subscribed reliable by defau
 replay nodes publish reliable, and no frame is lost); a camera driver publishing best-effort (sensor
 QoS) needs `--camera-qos best_effort`, and an incompatible publisher is reported in the log.
 
+Demonstrations: `--teleop-topic joy --teleop-type joy` also records a teleoperation command topic
+(sensor_msgs/Joy or std_msgs/Float32MultiArray), which cfgrl-bags-to-dataset turns into training data.
+
 Run: python -m cfgrl_ros.nodes.recorder --out run1_bag  (Ctrl-C ends the recording). A killed recorder
 leaves a bag no reader opens (no metadata.yaml, no MCAP summary); `--recover run1_bag` copies every
 chunk it finished (all but the last ~1 MiB of messages) into a new bag, run1_bag-recovered.
@@ -22,7 +25,7 @@ from rclpy.event_handler import SubscriptionEventCallbacks, qos_policy_name_from
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import Image, Joy
 from std_msgs.msg import Float32MultiArray, String
 
 from cfgrl_ros import bags
@@ -41,6 +44,9 @@ RECORDED_TOPICS = {
     bridge.ACTION_TOPIC: (PolicyAction, bags.POLICY_ACTION_TYPE, DEEP_QOS),
     bridge.RESULT_TOPIC: (String, bags.STRING_TYPE, bridge.EVENTS_QOS),
 }
+
+# --teleop-type -> (rclpy type, bag type name): demonstration commands for cfgrl-bags-to-dataset.
+TELEOP_TYPES = {"joy": (Joy, bags.JOY_TYPE), "float32multiarray": (Float32MultiArray, bags.VECTOR_TYPE)}
 
 
 class TopicRecorder(Node):
@@ -89,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="new rosbag2 directory to create (with --recover: default BAG-recovered)")
     parser.add_argument("--camera-qos", choices=sorted(CAMERA_QOS), default="reliable",
                         help="reliability of the camera subscription (best_effort for a sensor-QoS camera)")
+    parser.add_argument("--teleop-topic", help="also record this teleoperation command topic (demonstrations)")
+    parser.add_argument("--teleop-type", choices=sorted(TELEOP_TYPES), default="joy",
+                        help="message type of --teleop-topic (default: joy, i.e. sensor_msgs/Joy)")
     parser.add_argument("--recover", metavar="BAG",
                         help="do not record: copy what a killed recorder left in BAG into a new bag, and exit")
     args, ros_args = parser.parse_known_args(argv)
@@ -96,10 +105,15 @@ def main(argv: list[str] | None = None) -> int:
         return recover(args.recover, args.out or args.recover.rstrip("/") + "-recovered")
     if args.out is None:
         parser.error("--out is required (the new bag directory)")
+    if args.teleop_topic and bags.same_topic(args.teleop_topic) in map(bags.same_topic, RECORDED_TOPICS):
+        parser.error(f"--teleop-topic {args.teleop_topic} is recorded already, as the node's own topic")
     if Path(args.out).exists():
         parser.error(f"{args.out} exists; rosbag2 bags are never overwritten, choose a new path")
     rclpy.init(args=[sys.argv[0], *ros_args])
-    recorder = TopicRecorder(args.out, camera_qos=args.camera_qos)
+    topics = dict(RECORDED_TOPICS)
+    if args.teleop_topic:
+        topics[args.teleop_topic] = (*TELEOP_TYPES[args.teleop_type], DEEP_QOS)
+    recorder = TopicRecorder(args.out, topics, camera_qos=args.camera_qos)
     try:
         rclpy.spin(recorder)
     except (KeyboardInterrupt, ExternalShutdownException):
