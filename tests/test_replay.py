@@ -341,6 +341,9 @@ def test_replay_and_recorder_command_lines_refuse_bad_values_before_starting(tmp
     with pytest.raises(SystemExit) as exit_info:
         recorder.main(["--out", str(tmp_path / "taken")])  # before rclpy.init: no node, no traceback
     assert exit_info.value.code == 2 and "exists; rosbag2 bags are never overwritten" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        recorder.main(["--out", str(tmp_path / "new"), "--teleop-topic", "/action"])
+    assert exit_info.value.code == 2 and "--teleop-topic /action is recorded already" in capsys.readouterr().err
 
 
 def test_image_decoding_of_bag_messages_uses_the_node_decoder():
