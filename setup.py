@@ -46,6 +46,7 @@ setup(
             "cfgrl-reproduce = training.reproduce:main",
             "cfgrl-ros-evaluate = training.ros_evaluate:main",
             "cfgrl_recorder = cfgrl_ros.nodes.recorder:main",
+            "cfgrl_goal = cfgrl_ros.nodes.goal_publisher:main",
         ],
     },
 )

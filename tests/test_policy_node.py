@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -795,3 +796,28 @@ def test_an_activation_that_fails_says_why(ros_domain, tmp_path):
     assert "activate failed:" in log and "reliabel" in log, log[-2000:]
     assert "autostart failed" in log
 
+
+
+@requires_rclpy
+def test_cfgrl_goal_gives_the_node_its_goal(ros_domain, tmp_path):
+    """The goal command and the real node: no goal, no action; `cfgrl_goal --vector ... --once`; actions."""
+    import subprocess
+
+    from cfgrl_ros.nodes.probe import PolicyProbe
+
+    node = start_node(ros_domain, tmp_path / "node.log", small_checkpoint(tmp_path / "oracle.safetensors", "oracle"))
+    probe = PolicyProbe()
+    probe.alive_checks.append(node.check_alive)
+    try:
+        probe.wait_for_node("goal/vector", STARTUP_S)
+        camera = frames(21)[0]
+        report = report_where(probe, lambda d: d["inputs"] == "no goal received yet", "a no-goal report",
+                              meanwhile=lambda: probe.publish_camera(camera))
+        assert report and not probe.actions
+        goal = subprocess.run([sys.executable, "-m", "cfgrl_ros.nodes.goal_publisher", "--vector", "0.1,-0.2,0.3",
+                               "--once", "--timeout", "60"], env=ros_domain, capture_output=True, text=True, timeout=90)
+        assert goal.returncode == 0, goal.stdout + goal.stderr
+        assert len(act_on(probe, camera).action) == ACTION_DIM  # the goal outlives the command that sent it
+    finally:
+        probe.destroy()
+        assert node.stop() == 0, node.log()[-2000:]

@@ -1,0 +1,116 @@
+"""cfgrl_goal over real DDS: a goal image from a file, a camera snapshot and a goal vector reach a latched
+subscriber exactly as the policy node subscribes; bad goals are refused before anything is published."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from cfgrl_ros.nodes.goal_publisher import main
+
+GOAL_MODULE = "cfgrl_ros.nodes.goal_publisher"
+
+
+def start_goal(ros_env, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", GOAL_MODULE, *args, "--once", "--timeout", "60"], env=ros_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def receive(topic: str, message_type, publish_camera: np.ndarray | None = None, timeout_s: float = 60.0):
+    """The first message on a latched topic, subscribed as the policy node does; optionally feeding a
+    camera frame until then (for --snapshot)."""
+    import rclpy
+    from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+
+    from cfgrl_ros.nodes import bridge
+
+    rclpy.init()
+    node = rclpy.create_node("goal_listener")
+    received = []
+    qos = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+                     durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    node.create_subscription(message_type, topic, received.append, qos)
+    camera = node.create_publisher(Image, "camera/image", bridge.CAMERA_QOS) if publish_camera is not None else None
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not received and time.monotonic() < deadline:
+            if camera is not None:
+                camera.publish(bridge.rgb_image(publish_camera, node.get_clock().now().to_msg(), "camera"))
+            rclpy.spin_once(node, timeout_sec=0.1)
+        return received[0] if received else None
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+def finish(process: subprocess.Popen) -> str:
+    try:
+        output = process.communicate(timeout=60)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output
+    return output
+
+
+@pytest.mark.requires_rclpy
+def test_a_goal_image_file_reaches_the_node_latched(ros_env, tmp_path):
+    from sensor_msgs.msg import Image
+
+    from cfgrl_ros.image import image_to_rgb
+
+    goal = np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "goal.png"), goal[:, :, ::-1])  # PNG stores BGR through OpenCV
+    process = start_goal(ros_env, "--image", str(tmp_path / "goal.png"))
+    message = receive("goal/image", Image)
+    output = finish(process)
+    assert message is not None, output
+    np.testing.assert_array_equal(image_to_rgb(message), goal)
+    assert "published the goal image 40x48" in output and "delivered" in output
+
+
+@pytest.mark.requires_rclpy
+def test_a_snapshot_makes_the_next_camera_frame_the_goal(ros_env, tmp_path):
+    from sensor_msgs.msg import Image
+
+    from cfgrl_ros.image import image_to_rgb
+
+    frame = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    process = start_goal(ros_env, "--snapshot", "--save", str(tmp_path / "snap.png"))
+    message = receive("goal/image", Image, publish_camera=frame)
+    output = finish(process)
+    assert message is not None, output
+    np.testing.assert_array_equal(image_to_rgb(message), frame)
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "snap.png"))[:, :, ::-1], frame)
+
+
+@pytest.mark.requires_rclpy
+def test_a_goal_vector_reaches_the_node_latched(ros_env):
+    from std_msgs.msg import Float32MultiArray
+
+    process = start_goal(ros_env, "--vector", "0.5,-1.25,3")
+    message = receive("goal/vector", Float32MultiArray)
+    finish(process)
+    assert message is not None and list(message.data) == [0.5, -1.25, 3.0]
+
+
+def test_bad_goals_are_refused_before_anything_is_published(tmp_path, capsys):
+    (tmp_path / "not-an-image.png").write_text("hello")
+    for argv, message in ((["--vector", "1,nan"], "must hold finite numbers"),
+                          (["--vector", "1,x"], "comma-separated numbers"),
+                          (["--image", str(tmp_path / "not-an-image.png")], "not a readable image file"),
+                          (["--image", str(tmp_path / "missing.png")], "not a readable image file")):
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+    for argv, message in ((["--vector", "1", "--save", "x.png"], "--save goes with --snapshot"),
+                          (["--vector", "1", "--timeout", "5"], "--timeout goes with --once"),
+                          (["--vector", "1", "--image", "x.png"], "not allowed with argument")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
