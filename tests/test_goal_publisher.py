@@ -110,6 +110,7 @@ def test_bad_goals_are_refused_before_anything_is_published(tmp_path, capsys):
         assert message in capsys.readouterr().err
     for argv, message in ((["--vector", "1", "--save", "x.png"], "--save goes with --snapshot"),
                           (["--vector", "1", "--timeout", "5"], "--timeout goes with --once"),
+                          (["--snapshot", "--save", str(tmp_path / "nowhere" / "x.png")], "the directory does not exist"),
                           (["--vector", "1", "--image", "x.png"], "not allowed with argument")):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

@@ -188,10 +188,13 @@ def write_split(path: Path, episodes: list[tuple[np.ndarray, np.ndarray]]) -> No
     """OGBench's compact layout: observations, actions, terminals (true on each episode's last row)."""
     terminals = np.concatenate([np.arange(len(actions)) == len(actions) - 1 for _, actions in episodes])
     partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(partial, "wb") as file:
-        np.savez_compressed(file, observations=np.concatenate([obs for obs, _ in episodes]),
-                            actions=np.concatenate([actions for _, actions in episodes]), terminals=terminals)
-    os.replace(partial, path)  # a reader never sees half a file
+    try:
+        with open(partial, "wb") as file:
+            np.savez_compressed(file, observations=np.concatenate([obs for obs, _ in episodes]),
+                                actions=np.concatenate([actions for _, actions in episodes]), terminals=terminals)
+        os.replace(partial, path)  # a reader never sees half a file
+    finally:
+        partial.unlink(missing_ok=True)  # a full disk leaves no partial file behind
 
 
 def import_bags(bag_paths: list[Path], out: Path, settings: ImportSettings = ImportSettings(),

@@ -88,8 +88,8 @@ class GoalPublisher(Node):
         except ImageError as error:  # a bad frame is not a goal: wait for the next one
             self.get_logger().error(f"camera frame refused as a goal: {error}", throttle_duration_sec=1.0)
             return
-        if self._save is not None:
-            cv2.imwrite(str(self._save), pixels[:, :, ::-1])
+        if self._save is not None and not cv2.imwrite(str(self._save), pixels[:, :, ::-1]):
+            self.get_logger().error(f"could not write the snapshot to {self._save}; publishing it anyway")
         self._publish(self._image(pixels), f"camera snapshot {pixels.shape[1]}x{pixels.shape[0]}"
                       + (f", saved to {self._save}" if self._save else ""))
         self.destroy_subscription(self._camera)
@@ -125,6 +125,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     args, ros_args = parser.parse_known_args(argv)
     if args.save is not None and not args.snapshot:
         parser.error("--save goes with --snapshot")
+    if args.save is not None and not args.save.resolve().parent.is_dir():
+        parser.error(f"--save {args.save}: the directory does not exist")
     if args.timeout and not args.once:
         parser.error("--timeout goes with --once")
     if not (math.isfinite(args.timeout) and args.timeout >= 0):
