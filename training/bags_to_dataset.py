@@ -268,9 +268,10 @@ def main(argv: list[str] | None = None) -> None:
     except (ImportBagError, OSError) as error:
         sys.exit(f"cfgrl-bags-to-dataset: error: {error}")
     left_out = (f"left out: {record['stale_stops']} stale-input stops, {record['without_frame']} actions without a "
-                f"fresh frame, {record['short_episodes']} episodes under {settings.min_episode_length} rows")
-    print(f"wrote {args.out} ({record['episodes'][0]} episodes, {record['rows'][0]} rows) and "
-          f"{val_path_for(args.out).name} ({record['episodes'][1]} episodes, {record['rows'][1]} rows); {left_out}")
+                f"fresh frame, {record['short_episodes']} episode(s) under {settings.min_episode_length} rows")
+    (train_episodes, val_episodes), (train_rows, val_rows) = record["episodes"], record["rows"]
+    print(f"wrote {args.out} ({train_episodes} episode(s), {train_rows} rows) and {val_path_for(args.out).name} "
+          f"({val_episodes} episode(s), {val_rows} rows); {left_out}")
     print(f"train on it with: cfgrl-train --dataset {args.out} --goal-mode image")
 
 
