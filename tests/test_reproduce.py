@@ -160,6 +160,7 @@ def test_changed_settings_are_refused_and_redo_discards(smoke_run, tmp_path):
     with pytest.raises(SystemExit) as refusal:
         run_in_process(out, scale=str(scale))
     message = str(refusal.value)
+    assert message.startswith("cfgrl-reproduce: error: ")
     assert "train:" in message and "training.steps: 6 -> 7" in message and "training.lr: 0.0003 -> 0.001" in message
     assert "--redo train" in message
 

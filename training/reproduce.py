@@ -613,7 +613,7 @@ def render_report(plan: Plan, records: Mapping[str, StageRecord], results: Mappi
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.reproduce", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="cfgrl-reproduce", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, choices=sorted(TASKS), help="OGBench visual manipulation task")
     parser.add_argument("--goal-mode", default="oracle", choices=GOAL_MODES,
@@ -653,7 +653,7 @@ def main(argv: list[str] | None = None) -> None:
         plan, args = plan_from_args(argv)
         records = reproduce(plan, tuple(args.redo), args.until)
     except errors as error:
-        sys.exit(f"error: {error}")
+        sys.exit(f"cfgrl-reproduce: error: {error}")
     if "report" in records:
         report = plan.stage_dir("report") / "report.md"
         print(report.read_text())
