@@ -23,7 +23,8 @@ def start_goal(ros_env, *args: str) -> subprocess.Popen:
 
 def receive(topic: str, message_type, publish_camera: np.ndarray | None = None, timeout_s: float = 60.0):
     """The first message on a latched topic, subscribed as the policy node does; optionally feeding a
-    camera frame until then (for --snapshot)."""
+    camera frame until then (for --snapshot), each time after a malformed one, which must never become
+    the goal."""
     import rclpy
     from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image
@@ -39,9 +40,14 @@ def receive(topic: str, message_type, publish_camera: np.ndarray | None = None, 
     camera = node.create_publisher(Image, "camera/image", bridge.CAMERA_QOS) if publish_camera is not None else None
     try:
         deadline = time.monotonic() + timeout_s
+        while camera is not None and not camera.get_subscription_count() and time.monotonic() < deadline:
+            rclpy.spin_once(node, timeout_sec=0.05)  # matched first: the malformed frame is not lost to discovery
         while not received and time.monotonic() < deadline:
             if camera is not None:
-                camera.publish(bridge.rgb_image(publish_camera, node.get_clock().now().to_msg(), "camera"))
+                good = bridge.rgb_image(publish_camera, node.get_clock().now().to_msg(), "camera")
+                camera.publish(Image(height=good.height, width=good.width, encoding="yuv422", step=good.step,
+                                     data=good.data))
+                camera.publish(good)
             rclpy.spin_once(node, timeout_sec=0.1)
         return received[0] if received else None
     finally:
@@ -88,6 +94,7 @@ def test_a_snapshot_makes_the_next_camera_frame_the_goal(ros_env, tmp_path):
     assert message is not None, output
     np.testing.assert_array_equal(image_to_rgb(message), frame)
     np.testing.assert_array_equal(cv2.imread(str(tmp_path / "snap.png"))[:, :, ::-1], frame)
+    assert "camera frame refused as a goal: unsupported encoding 'yuv422'" in output
 
 
 @pytest.mark.requires_rclpy
