@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -35,6 +34,7 @@ from tqdm import tqdm
 from cfgrl_ros import bags
 from cfgrl_ros.image import ImageError, fit_to_policy, image_to_rgb
 from training.data import DatasetError, load_dataset_pair, val_path_for
+from training.dataset_files import write_shard
 
 # The field holding the action vector, per accepted message type.
 ACTION_FIELDS = {bags.POLICY_ACTION_TYPE: "action", bags.VECTOR_TYPE: "data", bags.JOY_TYPE: "axes"}
@@ -187,14 +187,8 @@ def _checked_action(values, path: Path, timestamp_ns: int) -> np.ndarray:
 def write_split(path: Path, episodes: list[tuple[np.ndarray, np.ndarray]]) -> None:
     """OGBench's compact layout: observations, actions, terminals (true on each episode's last row)."""
     terminals = np.concatenate([np.arange(len(actions)) == len(actions) - 1 for _, actions in episodes])
-    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(partial, "wb") as file:
-            np.savez_compressed(file, observations=np.concatenate([obs for obs, _ in episodes]),
-                                actions=np.concatenate([actions for _, actions in episodes]), terminals=terminals)
-        os.replace(partial, path)  # a reader never sees half a file
-    finally:
-        partial.unlink(missing_ok=True)  # a full disk leaves no partial file behind
+    write_shard(path, dict(observations=np.concatenate([obs for obs, _ in episodes]),
+                           actions=np.concatenate([actions for _, actions in episodes]), terminals=terminals))
 
 
 def import_bags(bag_paths: list[Path], out: Path, settings: ImportSettings = ImportSettings(),

@@ -51,10 +51,14 @@ class FileLayout:
 
 
 def write_shard(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """A compressed .npz written atomically: it either exists complete or not at all."""
     tmp = path.with_name(f'{path.name}.tmp-{os.getpid()}')
-    with open(tmp, 'wb') as f:
-        np.savez_compressed(f, **arrays)
-    os.replace(tmp, path)  # a shard either exists complete or not at all
+    try:
+        with open(tmp, 'wb') as f:
+            np.savez_compressed(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no partial file behind
 
 
 def load_shard(path: Path, layout: FileLayout, num_episodes: int) -> dict[str, np.ndarray]:
