@@ -107,7 +107,14 @@ def test_command_line_mistakes_are_one_line_errors(ros_env, tmp_path, capsys):
                            "unknown env 'pointreech'"),
                           # the embedded PointReach policy on the cube arm: refused, not a 900 s hang
                           (["--policy", str(default_policy), "--env", "visual-cube-single-v0"],
-                           "takes 5-d actions, but the checkpoint gives 2-d")):
+                           "takes 5-d actions, but the checkpoint gives 2-d"),
+                          # the direct evaluator's sweep checks: no 2N "trials" from one w, no empty sweep
+                          (["--policy", str(default_policy), "--env", "pointreach", "--w", "1", "1"],
+                           "w values must be distinct"),
+                          (["--policy", str(default_policy), "--env", "pointreach", "--w", "nan"],
+                           "w must be finite numbers"),
+                          (["--policy", str(default_policy), "--env", "pointreach", "--episodes-per-task", "0"],
+                           "episodes_per_task must be >= 1")):
         with pytest.raises(SystemExit) as exit_info:
             ros_evaluate.main(argv + ["--ros-domain-id", ros_env["ROS_DOMAIN_ID"]])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err

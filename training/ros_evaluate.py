@@ -43,6 +43,7 @@ from training.evaluate import (
     EnvSpec,
     EvaluationError,
     check_checkpoint_fits_env,
+    check_sweep,
     default_report_dir,
     episode_limit,
     episode_seed,
@@ -151,6 +152,7 @@ def evaluate_through_ros(policy: str, env_name: str, ws: Sequence[float], *, epi
     Episode (task, k) uses the direct evaluator's env seed episode_seed(seed, task, k), so both
     evaluators start from the same states. The policy node's noise generator is seeded with `seed`.
     """
+    check_sweep(env_name, ws, tasks, episodes_per_task, flow_steps, seed, None, None, max_steps)
     config = load_checkpoint(policy).config  # fails here, clearly, on a bad checkpoint
     max_steps = max_steps or episode_limit(env_name)
     # A policy for another env would wait forever for a goal it can use: refuse it before starting the nodes.
