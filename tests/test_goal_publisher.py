@@ -101,16 +101,18 @@ def test_a_snapshot_makes_the_next_camera_frame_the_goal(ros_env, tmp_path):
 def test_a_goal_vector_reaches_the_node_latched(ros_env):
     from std_msgs.msg import Float32MultiArray
 
-    process = start_goal(ros_env, "--vector", "0.5,-1.25,3")
+    process = start_goal(ros_env, "--vector", "-0.5,-1.25,3")  # oracle goals often start negative
     message = receive("goal/vector", Float32MultiArray)
     finish(process)
-    assert message is not None and list(message.data) == [0.5, -1.25, 3.0]
+    assert message is not None and list(message.data) == [-0.5, -1.25, 3.0]
 
 
 def test_bad_goals_are_refused_before_anything_is_published(tmp_path, capsys):
     (tmp_path / "not-an-image.png").write_text("hello")
     for argv, message in ((["--vector", "1,nan"], "must hold finite numbers"),
                           (["--vector", "1,x"], "comma-separated numbers"),
+                          (["--vector", "1,,2"], "comma-separated numbers"),
+                          (["--vector", "-1,,2"], "comma-separated numbers"),
                           (["--image", str(tmp_path / "not-an-image.png")], "not a readable image file"),
                           (["--image", str(tmp_path / "missing.png")], "not a readable image file")):
         assert main(argv) == 2

@@ -3,7 +3,7 @@
 
     cfgrl_goal --image goal.png                  # a goal image from a file
     cfgrl_goal --snapshot [--save goal.png]      # the next camera/image frame becomes the goal
-    cfgrl_goal --vector 0.1,-0.2,0.3             # an oracle goal vector
+    cfgrl_goal --vector -0.1,0.2,0.3             # an oracle goal vector
 
 The goal is published reliable and transient-local, as the node subscribes, and the command stays up
 (Ctrl-C ends it) so that a node started later still receives it; `--once` exits as soon as every
@@ -49,8 +49,8 @@ def read_goal_image(path: Path) -> np.ndarray:
 
 
 def parse_goal_vector(text: str) -> np.ndarray:
-    try:
-        values = np.array([float(x) for x in text.split(",") if x.strip()], dtype=np.float32)
+    try:  # an empty entry ("1,,2") is a typo, not a shorter vector
+        values = np.array([float(x) for x in text.split(",")], dtype=np.float32)
     except ValueError:
         raise GoalError(f"--vector takes comma-separated numbers, got {text!r}") from None
     if values.size == 0 or not np.isfinite(values).all():
@@ -111,6 +111,17 @@ class GoalPublisher(Node):
         return self.published and self.matched > 0 and self.publisher.wait_for_all_acked(Duration(seconds=0.1))
 
 
+def _join_vector_value(argv: list[str]) -> list[str]:
+    """`--vector -0.1,0.2` as `--vector=-0.1,0.2`: argparse takes a value starting with '-' for an option."""
+    joined, rest = [], list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--vector" and rest and not rest[0].startswith("--"):
+            arg = f"--vector={rest.pop(0)}"
+        joined.append(arg)
+    return joined
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="cfgrl_goal", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -122,7 +133,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="exit once a subscriber has acknowledged the goal (default: stay up, serving late joiners)")
     parser.add_argument("--timeout", type=float, default=0.0,
                         help="with --once: fail after this many seconds without delivery (default: 0, never)")
-    args, ros_args = parser.parse_known_args(argv)
+    args, ros_args = parser.parse_known_args(_join_vector_value(argv))
     if args.save is not None and not args.snapshot:
         parser.error("--save goes with --snapshot")
     if args.save is not None and not args.save.resolve().parent.is_dir():
