@@ -197,16 +197,17 @@ class PolicyStats:
         self.last_inference_error = f"{type(error).__name__}: {error}"
         self._last_error_monotonic = time.monotonic()
 
-    def summary(self, active: bool, inputs: str, fresh: bool, enable_control: bool, fallback: str) -> tuple[int, str]:
-        """(level, message), the most severe condition first."""
+    def summary(self, active: bool, inputs: str, fresh: bool, enable_control: bool, fallback: str,
+                qos_mismatch: str = "") -> tuple[int, str]:
+        """(level, message), the most severe condition first. qos_mismatch: endpoints whose QoS is incompatible now."""
         if time.monotonic() - self._last_error_monotonic < self.ERROR_HOLD_S:
             return ERROR, f"inference failing: {self.last_inference_error}"
         if not active:
             return WARN, "inactive"
         if not fresh:
             return WARN, inputs
-        if self.qos_incompatible:
-            return WARN, "incompatible QoS on a topic: see the log"
+        if qos_mismatch:
+            return WARN, f"incompatible QoS: {qos_mismatch} (see the log)"
         mode = "acting" if enable_control else "dry run (enable_control false)"
         if fallback:
             return WARN, f"{mode} on the torch fallback: {fallback}"

@@ -248,14 +248,14 @@ def test_policy_stats_summary_puts_the_worst_condition_first():
     assert stats.summary(True, "fresh", True, False, "")[1].startswith("dry run")
     assert stats.summary(True, "fresh", True, True, "tensorrt failed") == (
         WARN, "acting on the torch fallback: tensorrt failed")
-    stats.qos_incompatible = 1
-    assert stats.summary(True, "fresh", True, True, "")[0] == WARN
+    assert stats.summary(True, "fresh", True, True, "", "publisher cam on /camera/image") == (
+        WARN, "incompatible QoS: publisher cam on /camera/image (see the log)")
     assert stats.summary(True, "camera image is stale", False, True, "") == (WARN, "camera image is stale")
     assert stats.summary(False, "fresh", True, True, "") == (WARN, "inactive")
     stats.record_error(RuntimeError("CUDA out of memory"))
     assert stats.summary(True, "fresh", True, True, "") == (ERROR, "inference failing: RuntimeError: CUDA out of memory")
     stats._last_error_monotonic -= PolicyStats.ERROR_HOLD_S  # errors age out of the status, not the count
-    assert stats.summary(True, "fresh", True, True, "")[0] == WARN and stats.values()["inference_errors"] == "1"
+    assert stats.summary(True, "fresh", True, True, "")[0] == OK and stats.values()["inference_errors"] == "1"
     assert set(stats.values()) >= {"camera_rate_hz", "goal_rate_hz", "inference_ms_p50", "inference_ms_p99",
                                    "qos_incompatible_events", "rejected_images", "stale_actions"}
 
@@ -545,16 +545,34 @@ def test_dry_run_computes_but_publishes_nothing(probe):
 
 
 @requires_rclpy
-def test_incompatible_goal_qos_is_reported(probe):
-    from rclpy.qos import QoSProfile, ReliabilityPolicy
+def test_incompatible_qos_is_reported_while_it_lasts(probe):
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image
 
+    from cfgrl_ros.msg import PolicyAction
+
+    camera, goal = frames(9, 2)
+    probe.publish_goal_image(goal)
+    act_on(probe, camera)  # fresh inputs: nothing else warns
     best_effort = probe.node.create_publisher(Image, "goal/image", QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
     try:
-        report = report_where(probe, lambda d: int(d["qos_incompatible_events"]) > 0, "a QoS incompatibility report")
-        assert report["level"] == 1
+        report = report_where(probe, lambda d: int(d["qos_incompatible_events"]) > 0, "a QoS incompatibility report",
+                              meanwhile=lambda: probe.publish_camera(camera))
+        assert report["level"] == 1 and report["message"].startswith("incompatible QoS: publisher ")
+        assert "/goal/image" in report["message"]
     finally:
         probe.node.destroy_publisher(best_effort)
+    # Once that publisher is gone the status recovers; the event count stays.
+    report_where(probe, lambda d: d["level"] == 0, "the status back to OK", meanwhile=lambda: probe.publish_camera(camera))
+    # A robot-side subscriber the action publisher cannot serve (it is volatile) is named too.
+    latched = probe.node.create_subscription(PolicyAction, "action", lambda message: None,
+                                             QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+    try:
+        report = report_where(probe, lambda d: "on /action" in d["message"], "an action QoS report",
+                              meanwhile=lambda: probe.publish_camera(camera))
+        assert report["level"] == 1 and "subscriber cfgrl_probe on /action" in report["message"]
+    finally:
+        probe.node.destroy_subscription(latched)
 
 
 @requires_rclpy
@@ -796,6 +814,41 @@ def test_an_activation_that_fails_says_why(ros_domain, tmp_path):
     assert "activate failed:" in log and "reliabel" in log, log[-2000:]
     assert "autostart failed" in log
 
+
+
+@requires_rclpy
+def test_a_transition_that_raises_leaves_no_inputs_behind(ros_domain, tmp_path, monkeypatch):
+    """rclpy sends a raising transition to on_error: the node ends unconfigured with no subscription
+    or control timer left (a goal arriving then would find no engine), and can be started again."""
+    import torch
+    from lifecycle_msgs.msg import State
+    from rclpy.parameter import Parameter
+
+    from cfgrl_ros.nodes import policy_node
+
+    threads = torch.get_num_threads()  # configure sets it for the whole process (see above)
+    checkpoint = small_checkpoint(tmp_path / "oracle.safetensors", "oracle")
+    overrides = {"policy": str(checkpoint), "backend": "torch", "autostart": False}
+    node = policy_node.PolicyNode(namespace="raising", parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
+    try:
+        assert node.start() and node._subscriptions_active
+        worker, real_stop = node.worker, node.worker.stop
+
+        def failing_stop(*args, **kwargs):
+            real_stop(*args, **kwargs)
+            raise RuntimeError("the worker would not stop")
+
+        monkeypatch.setattr(worker, "stop", failing_stop)
+        assert node.trigger_deactivate() == policy_node.TransitionCallbackReturn.ERROR
+        assert node._state_machine.current_state[0] == State.PRIMARY_STATE_UNCONFIGURED
+        assert node._subscriptions_active == [] and node._control_timer is None and node.engine is None
+        assert node.count_subscribers("/raising/goal/vector") == 0 and node.count_subscribers("/raising/camera/image") == 0
+        assert node.start(), "the node did not come back after the error"
+    finally:
+        if node.worker is not None:
+            node.trigger_deactivate()
+        node.destroy_node()
+        torch.set_num_threads(threads)
 
 
 @requires_rclpy

@@ -42,7 +42,7 @@ from rclpy.exceptions import ParameterException
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleState, Node as LifecycleNode, TransitionCallbackReturn
 from rclpy.parameter import Parameter
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSCompatibility, QoSProfile, ReliabilityPolicy, qos_check_compatible
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import Image
@@ -315,10 +315,10 @@ class PolicyNode(LifecycleNode):
 
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.get_logger().error(f"error while in state {state.label}: releasing the policy")
-        if self.worker is not None:
-            self.worker.stop()
-            self.worker = None
-        self._release()
+        try:  # the inputs go too: a goal arriving after the release would find no engine
+            self._stop_acting(publish_stop=False)
+        finally:
+            self._release()
         return TransitionCallbackReturn.SUCCESS
 
     def _stop_acting(self, publish_stop: bool = True) -> None:
@@ -565,11 +565,35 @@ class PolicyNode(LifecycleNode):
         array.status = [self.diagnostic_status()]
         self._diagnostics_pub.publish(array)
 
+    def _qos_mismatches(self) -> list[str]:
+        """Endpoints on the node's topics right now whose QoS cannot match: the events only say one appeared.
+
+        Both sides come from the ROS graph: a local profile's unset deadline and liveliness would read as
+        incompatible with what discovery reports for the same settings.
+        """
+        def mine(info) -> bool:
+            return (info.node_name, info.node_namespace) == (self.get_name(), self.get_namespace())
+
+        topics = [(subscription.topic_name, False) for subscription in self._subscriptions_active]
+        if self._action_pub is not None:
+            topics.append((self._action_pub.topic_name, True))
+        found = set()
+        for topic, node_publishes in topics:
+            publishers, subscribers = self.get_publishers_info_by_topic(topic), self.get_subscriptions_info_by_topic(topic)
+            own, others = (publishers, subscribers) if node_publishes else (subscribers, publishers)
+            for ours in filter(mine, own):
+                for theirs in (info for info in others if not mine(info)):
+                    offered, requested = (ours, theirs) if node_publishes else (theirs, ours)
+                    if qos_check_compatible(offered.qos_profile, requested.qos_profile)[0] == QoSCompatibility.ERROR:
+                        found.add(f"{'subscriber' if node_publishes else 'publisher'} {theirs.node_name} on {topic}")
+        return sorted(found)
+
     def diagnostic_status(self) -> DiagnosticStatus:
         now, active, stats = self._now_s(), self._active, self.stats
         acting = self.worker is not None
         level, summary = stats.summary(acting, self._inputs.value, self._inputs is Inputs.FRESH,
-                                       self.param("enable_control"), self.fallback_reason)
+                                       self.param("enable_control"), self.fallback_reason,
+                                       ", ".join(self._qos_mismatches()))
         values = {
             "state": "active" if acting else "inactive",
             "inputs": self._inputs.value,
