@@ -256,9 +256,10 @@ class TensorRTEngine:
     name = "tensorrt"
     any_flow_steps = False
 
-    def __init__(self, program_path: Path, config: PolicyConfig, flow_steps: int, device: torch.device):
+    def __init__(self, program_path: Path, config: PolicyConfig, flow_steps: int, device: torch.device,
+                 max_batch: int):
         torch_tensorrt, _ = _import_tensorrt()
-        self.device, self.config, self.flow_steps = device, config, flow_steps
+        self.device, self.config, self.flow_steps, self.max_batch = device, config, flow_steps, max_batch
         # torch_tensorrt.load registers the TensorRT engine op the saved program calls.
         self._module = torch_tensorrt.load(str(program_path)).module()
 
@@ -269,6 +270,9 @@ class TensorRTEngine:
         if flow_steps != self.flow_steps:
             raise ValueError(f"this TensorRT program was built for flow_steps={self.flow_steps}, got {flow_steps}; "
                              f"export one with `cfgrl-export --flow-steps {flow_steps}`")
+        if observations.shape[0] > self.max_batch:
+            raise ValueError(f"this TensorRT program takes batches of at most {self.max_batch}, got "
+                             f"{observations.shape[0]}; export one with `cfgrl-export --max-batch N`")
         return self._module(*_tensorrt_inputs(self.config, observations, goals, w, noise, self.device))
 
 
@@ -398,7 +402,7 @@ def onnx_artifact(checkpoint: Checkpoint, flow_steps: int, artifacts_dir: str | 
 # --- TensorRT: build, cache key, refusal on mismatch -----------------------------------------------
 
 def tensorrt_cache_key(checkpoint: Checkpoint, flow_steps: int, max_batch: int, device: torch.device) -> dict:
-    """Everything a TensorRT engine depends on; any difference means it must not be used."""
+    """Everything a TensorRT engine depends on; any difference but max_batch means it must not be used."""
     torch_tensorrt, tensorrt = _import_tensorrt()
     properties = torch.cuda.get_device_properties(device)
     config = checkpoint.config
@@ -413,8 +417,9 @@ def tensorrt_cache_key(checkpoint: Checkpoint, flow_steps: int, max_batch: int, 
         "compute_capability": f"{properties.major}.{properties.minor}",
         "precision": "fp16",
         "flow_steps": flow_steps,
-        "shapes": {"batch": [1, 1, max_batch], "observation": [config.image_size, config.image_size, 3],
-                   "goal": goal_shape, "action": [config.action_dim]},
+        "shapes": {"observation": [config.image_size, config.image_size, 3], "goal": goal_shape,
+                   "action": [config.action_dim]},
+        "max_batch": max_batch,  # the batch range 1..max_batch: any range serves, infer refuses a larger batch
     }
 
 
@@ -422,7 +427,8 @@ def check_cache_key(expected: dict, found: dict | None, path: Path) -> None:
     """Refuse a stale or foreign TensorRT program, naming every field that differs."""
     if found is None:
         raise EngineUnavailable(f"{path} has no readable cache key ({path.name}.json)")
-    differences = [f"{k}: built for {found.get(k)!r}, here {v!r}" for k, v in expected.items() if found.get(k) != v]
+    differences = [f"{k}: built for {found.get(k)!r}, here {v!r}" for k, v in expected.items()
+                   if k != "max_batch" and found.get(k) != v]
     if differences:
         raise EngineUnavailable(f"TensorRT program {path} does not match this model/machine ("
                                 + "; ".join(differences) + "); rebuild it with `cfgrl-export --formats tensorrt` "
@@ -487,7 +493,7 @@ TENSORRT_TOLERANCE = 5e-2  # fp16 weights and activations against the fp32 sampl
 def verify_tensorrt(path: Path, checkpoint: Checkpoint, flow_steps: int, device: torch.device, max_batch: int) -> None:
     """Reload a saved TensorRT program and compare it with the fp32 torch sampler at batch 1 and at a
     larger batch: a program specialised to one batch size, or numerically off, is never kept."""
-    engine = TensorRTEngine(path, checkpoint.config, flow_steps, device)
+    engine = TensorRTEngine(path, checkpoint.config, flow_steps, device, max_batch)
     reference = GuidedSampler(copy.deepcopy(checkpoint.policy)).to(device).eval()
     for batch_size in sorted({1, min(3, max_batch)}):
         inputs = example_inputs(checkpoint.config, batch_size, seed=batch_size)
@@ -507,8 +513,9 @@ def verify_tensorrt(path: Path, checkpoint: Checkpoint, flow_steps: int, device:
 def _tensorrt_inputs(config: PolicyConfig, observations: torch.Tensor, goals: torch.Tensor, w: torch.Tensor,
                      noise: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
     inputs = tuple(x.to(device) for x in (observations, goals, w, noise))
-    inputs = _with_image_dtype(config, inputs, torch.float16)
-    return inputs[0], inputs[1], inputs[2].float(), inputs[3].float()
+    observations, goals, w, noise = _with_image_dtype(config, inputs, torch.float16)
+    goals = goals if config.goal_mode == "image" else goals.float()  # the program takes fp32 oracle goals
+    return observations, goals, w.float(), noise.float()
 
 
 def _import_tensorrt():
@@ -587,8 +594,10 @@ def load_engine(checkpoint: str | os.PathLike | Checkpoint, backend: str = "torc
     flow_steps.
 
     Raises ValueError for an unknown backend, CheckpointError for a bad checkpoint and
-    EngineUnavailable when the backend cannot run here (so a caller can fall back). "auto" tries
-    the fastest engines for the device in turn and logs which one it took and why.
+    EngineUnavailable when the backend cannot run here (so a caller can fall back); a backend named
+    explicitly that fails otherwise (an export error, out of memory) raises its own error. "auto" tries
+    the fastest engines for the device in turn and logs which one it took and why. tensorrt_max_batch
+    is the batch range of a TensorRT program built here; a program already built is used whatever its range.
     """
     if backend not in (*BACKENDS, "auto"):
         raise ValueError(f"unknown backend {backend!r}; available: {', '.join((*BACKENDS, 'auto'))}")
@@ -653,8 +662,9 @@ def _load_tensorrt(checkpoint: Checkpoint, flow_steps: int, artifacts_dir: Path,
             raise EngineUnavailable(f"no TensorRT program at {path}; build it with "
                                     f"`cfgrl-export <checkpoint> --formats tensorrt --flow-steps {flow_steps}`")
         build_tensorrt(checkpoint, flow_steps, path, device, max_batch)
-    check_cache_key(tensorrt_cache_key(checkpoint, flow_steps, max_batch, device), read_sidecar(path), path)
-    return TensorRTEngine(path, checkpoint.config, flow_steps, device)
+    found = read_sidecar(path)
+    check_cache_key(tensorrt_cache_key(checkpoint, flow_steps, max_batch, device), found, path)
+    return TensorRTEngine(path, checkpoint.config, flow_steps, device, int(found["max_batch"]))
 
 
 def to_numpy(actions: torch.Tensor) -> np.ndarray:

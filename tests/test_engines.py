@@ -168,6 +168,7 @@ def test_gpu_backends_refuse_to_run_here(checkpoint, backend):
 def test_tensorrt_cache_key_mismatch_names_every_difference(tmp_path):
     key = {"model_sha256": "abc", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "precision": "fp16"}
     check_cache_key(key, dict(key), tmp_path / "p.ep")  # the same key passes
+    check_cache_key(dict(key, max_batch=1024), dict(key, max_batch=16), tmp_path / "p.ep")  # any batch range serves
     stale = dict(key, gpu="NVIDIA A100-SXM4-40GB", compute_capability="8.0")
     with pytest.raises(EngineUnavailable, match=r"gpu: built for 'NVIDIA A100.*compute_capability: built for '8.0'"):
         check_cache_key(key, stale, tmp_path / "p.ep")
@@ -223,6 +224,14 @@ def test_tensorrt_fp16_matches_eager_and_refuses_a_stale_key(checkpoint):
         inputs = guided_inputs(engine.config, batch_size, device="cuda")
         torch.testing.assert_close(engine.infer(*inputs, 4), eager_actions(checkpoint, inputs, 4, "cuda"),
                                    rtol=0, atol=FP16_TOLERANCE)
+    with pytest.raises(ValueError, match="batches of at most 8"):
+        engine.infer(*guided_inputs(engine.config, 9, device="cuda"), 4)
+    # Loaded with the default range (1024), the program built for 1..8 is used, not refused.
+    assert load_engine(checkpoint, "tensorrt", "cuda", flow_steps=4).max_batch == 8
+    observations, goals, w, noise = guided_inputs(engine.config, 2, device="cuda")
+    if engine.config.goal_mode == "oracle":  # every engine casts float goals; float64 must not reach the program
+        torch.testing.assert_close(engine.infer(observations, goals.double(), w, noise, 4),
+                                   engine.infer(observations, goals, w, noise, 4), rtol=0, atol=0)
     sidecar = artifact_path(default_artifacts_dir(checkpoint), "tensorrt", 4).with_suffix(".ep.json")
     key = json.loads(sidecar.read_text())
     sidecar.write_text(json.dumps(dict(key, gpu="some other GPU")))
