@@ -84,6 +84,8 @@ def check_sampler_inputs(
     """Shape and dtype checks that turn a silent broadcast or rescaling into a clear error.
 
     Images must be uint8: float pixels in [0, 1] would run but give other actions (the encoder scales by 1/255).
+    Values are not checked here (that would cost a device sync per call): the node refuses non-finite w
+    and goals before they get here, and the node and the evaluators refuse non-finite actions after.
     """
     image_shape = (config.image_size, config.image_size, 3)
     if observations.dtype != torch.uint8 or observations.dim() != 4 or tuple(observations.shape[1:]) != image_shape:
@@ -102,5 +104,5 @@ def check_sampler_inputs(
     if noise.shape != (batch_size, config.action_dim) or not noise.is_floating_point():
         raise ValueError(f"noise must be float ({batch_size}, {config.action_dim}), "
                          f"got {noise.dtype} {tuple(noise.shape)}")
-    if not isinstance(flow_steps, int) or flow_steps < 1:
+    if not isinstance(flow_steps, int) or isinstance(flow_steps, bool) or flow_steps < 1:
         raise ValueError(f"flow_steps must be a positive int, got {flow_steps!r}")

@@ -205,6 +205,16 @@ def test_mismatched_checkpoint_and_bad_arguments_are_clear_errors(pointreach_che
         ev.evaluate(engine, "pointreach", [math.inf, 1.0], progress=False)
 
 
+def test_non_finite_actions_stop_the_sweep():
+    """A diverged policy's NaN actions would step the simulator with garbage and score as failures."""
+    engine = random_engine(action_dim=2, goal_dim=2, image_size=16)
+    with torch.no_grad():
+        next(engine.engine.sampler.parameters()).fill_(math.nan)
+    with pytest.raises(ev.EvaluationError, match="non-finite actions on pointreach"):
+        run_pointreach(engine)
+    assert len(engine.calls) == 1 and torch.isnan(engine.calls[0]["actions"]).all()
+
+
 @pytest.mark.parametrize("env_name, config, reason", [
     ("pointreach", dict(action_dim=5, goal_dim=2, image_size=16), "takes 2-d actions, but the checkpoint gives 5-d"),
     ("pointreach", dict(action_dim=2, goal_dim=3, image_size=16), "oracle goals of shape \\(2,\\)"),

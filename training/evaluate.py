@@ -372,7 +372,11 @@ class LockstepSweep:
         noise = self.noise[self.row_task_index[rows], self.row_episode[rows], torch.from_numpy(self.slot_step[live])]
         actions = self.engine.infer(torch.from_numpy(self.observations[live]), torch.from_numpy(self.goals[live]),
                                     self.row_w[rows], noise, self.flow_steps)
-        observations, successes, dones = self.pool.step(live, to_numpy(actions))
+        actions = to_numpy(actions)
+        if not np.isfinite(actions).all():  # garbage into the simulator would score as plain failures
+            raise EvaluationError(f"the policy gave non-finite actions on {self.env_name} (engine {self.engine.name}); "
+                                  "an fp16 overflow or a diverged checkpoint?")
+        observations, successes, dones = self.pool.step(live, actions)
         self.observations[live] = observations
         self.slot_step[live] += 1
         self.env_steps += len(live)
