@@ -135,8 +135,9 @@ def test_sampler_rejects_bad_shapes():
         sampler(obs, goals, torch.ones(3), noise)
     with pytest.raises(ValueError, match=r"noise must be float \(2, 5\), got torch.float32 \(2, 4\)"):
         sampler(obs, goals, w, torch.zeros(2, 4))
-    with pytest.raises(ValueError, match="flow_steps"):
-        sampler(obs, goals, w, noise, flow_steps=0)
+    for bad_steps in (0, True, 2.0):  # True is an int to Python, not a step count
+        with pytest.raises(ValueError, match="flow_steps"):
+            sampler(obs, goals, w, noise, flow_steps=bad_steps)
     # What would run but give other actions, or fail deep inside the model: named up front.
     with pytest.raises(ValueError, match=r"observations must be \(B, 64, 64, 3\) uint8, got torch.float32"):
         sampler(obs.float() / 255, goals, w, noise)
