@@ -79,6 +79,16 @@ def test_output_loads_through_ogbench_and_the_project_loader(reference, tmp_path
         np.testing.assert_array_equal(np.asarray(train.observations), raw['observations'])
 
 
+def test_a_run_killed_before_its_clean_up_keeps_its_record(reference, tmp_path):
+    """Shards still there after the record was written: the rerun merges again and keeps the record's figures."""
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+    _, _, shard_dir, record_path = paths(TINY, tmp_path)
+    recorded = record_path.read_text()
+    gen.generate(TINY, tmp_path, workers=1)
+    assert record_path.read_text() == recorded and '"transitions_produced": 30' in recorded
+    assert not shard_dir.exists()
+
+
 def test_killed_parallel_run_resumes_to_identical_bytes(reference, tmp_path):
     """Kill a 2-worker CLI run after its first shard, resume in-process: same bytes as one worker, no kill."""
     train_path, val_path, shard_dir, record_path = paths(TINY, tmp_path)
@@ -104,6 +114,7 @@ def test_killed_parallel_run_resumes_to_identical_bytes(reference, tmp_path):
     gen.generate(TINY, tmp_path, workers=1)
     record = json.loads(record_path.read_text())
     assert record['transitions_produced'] == (3 - len(done)) * TINY.episode_length  # only what was missing
+    assert record['shards_already_done'] == len(done)
     ref_train, ref_val, _, _ = paths(TINY, reference)
     assert train_path.read_bytes() == ref_train.read_bytes()
     assert val_path.read_bytes() == ref_val.read_bytes()

@@ -691,20 +691,25 @@ def _produce_and_merge(cfg: GenerationConfig, out_dir: Path, workers: int, keep_
     record = dict(
         settings=dataclasses.asdict(cfg),
         workers=workers,
+        shards_already_done=len(shards) - len(todo),  # a resumed run: the figures are this run's part
         transitions_produced=transitions,
         seconds_producing=round(produced_seconds, 1),
         transitions_per_second=round(transitions / max(produced_seconds, 1e-9), 2),
         rejected_scene_episodes=retries,
         seconds_total=round(time.time() - start, 1),
     )
-    record_path.write_text(json.dumps(record, indent=1))
+    if todo or _recorded_settings(record_path) != record['settings']:
+        # A run killed between its record and the clean-up produced nothing now: its record stands.
+        record_path.write_text(json.dumps(record, indent=1))
+    else:
+        record = json.loads(record_path.read_text())
     if not keep_shards:  # renamed first: a kill while deleting never leaves a half-emptied shard directory
         trash = shard_dir.with_name(f'{shard_dir.name}.delete-{os.getpid()}')
         shard_dir.rename(trash)
         shutil.rmtree(trash)
-    print(f'wrote {train_path} and {val_path.name}: {transitions} transitions produced in '
-          f'{produced_seconds:.1f} s ({record["transitions_per_second"]} transitions/s, {workers} worker(s)); '
-          f'run record {record_path.name}')
+    print(f'wrote {train_path} and {val_path.name}: {record["transitions_produced"]} transitions produced in '
+          f'{record["seconds_producing"]:.1f} s ({record["transitions_per_second"]} transitions/s, '
+          f'{record["workers"]} worker(s)); run record {record_path.name}')
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
