@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import cfgrl_ros
 from cfgrl_ros.policy import CFGRLPolicy, PolicyConfig
@@ -97,7 +97,13 @@ def save_checkpoint(
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as written:  # on disk before the rename: a power cut leaves the old file or the new
+            os.fsync(written.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return path
 
@@ -111,6 +117,12 @@ def save_fp16_copy(checkpoint: Checkpoint, path: str | os.PathLike) -> Path:
     cfgrl_ros/data/default_policy.safetensors. It loads as float32 like any checkpoint; the metadata is kept,
     but for the code version, which becomes the running one's."""
     metadata = checkpoint.metadata
+    overflowing = [k for k, v in checkpoint.policy.state_dict().items()
+                   if v.is_floating_point() and not torch.isfinite(v.to(torch.float16)).all()]
+    if overflowing:  # written anyway, the copy would load as "NaN or inf weights"
+        raise CheckpointError(f"{checkpoint.path}: weights beyond float16's range (|x| > 65504) in "
+                              f"{', '.join(overflowing[:3])}{', ...' if len(overflowing) > 3 else ''}; "
+                              "keep this policy in float32")
     return save_checkpoint(path, checkpoint.policy, dataset_fingerprint=metadata.get("dataset_fingerprint", ""),
                            step=checkpoint.step, dtype=torch.float16,
                            extra_metadata={k: v for k, v in metadata.items() if k not in _OWN_METADATA})
@@ -122,9 +134,9 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(path), framework="pt") as handle:  # one open: a file replaced meanwhile is not mixed
             metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint (corrupt or truncated?): {error}") from error
     if metadata.get("format") != FORMAT:

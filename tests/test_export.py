@@ -164,3 +164,13 @@ def test_fp16_checkpoint_keeps_the_policy_and_its_metadata_at_a_third_of_the_siz
         torch.testing.assert_close(loaded, weight.half().to(weight.dtype), rtol=0, atol=0)
     inputs = guided_inputs(original.config, 4)
     torch.testing.assert_close(eager(path, inputs), eager(source, inputs), rtol=0, atol=5e-3)
+
+
+def test_an_fp16_copy_that_would_overflow_is_refused(tmp_path, capsys):
+    policy = CFGRLPolicy(tiny_config("oracle"))
+    with torch.no_grad():
+        next(policy.parameters()).view(-1)[0] = 1e6  # beyond float16's largest value, 65504
+    source = save_checkpoint(tmp_path / "ckpt.safetensors", policy)
+    assert main([str(source), "--out", str(tmp_path / "out"), "--formats", "fp16"]) == 2
+    assert "beyond float16's range" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "policy_fp16.safetensors").exists()

@@ -88,8 +88,8 @@ def export_checkpoint(checkpoint_path: str | Path, out_dir: str | Path | None = 
             unchecked = export_onnx(program, path.with_name(f".{path.name}.unchecked"))
             try:
                 verify_onnx(unchecked, sampler, flow_steps)
-            except ExportError:
-                unchecked.unlink()
+            except BaseException:  # a failed check, or anything else on the way: no usable-looking file left
+                unchecked.unlink(missing_ok=True)
                 raise
             os.replace(unchecked, path)
         else:
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                                     None if args.formats is None else
                                     tuple(f.strip() for f in args.formats.split(",") if f.strip()),
                                     args.max_batch, args.device)
-    except (CheckpointError, ExportError, ValueError, OSError) as error:  # OSError: e.g. an unwritable --out
+    except (CheckpointError, ExportError, EngineUnavailable, ValueError, OSError) as error:  # OSError: an unwritable --out
         print(f"cfgrl-export: error: {error}", file=sys.stderr)
         return 2
     for kind, path in written.items():
