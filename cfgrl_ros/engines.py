@@ -476,7 +476,9 @@ def build_tensorrt(checkpoint: Checkpoint, flow_steps: int, path: str | Path, de
     if "dynamic_shapes" in save_options:
         batch = torch.export.Dim("batch", min=1, max=max_batch)
         dynamic = {"dynamic_shapes": tuple({0: batch} for _ in INPUT_NAMES), "retrace": True}
-    torch_tensorrt.save(module, str(partial), output_format="exported_program", arg_inputs=list(example), **dynamic)
+    with EXPORT_LOCK:  # retrace=True exports the module again
+        torch_tensorrt.save(module, str(partial), output_format="exported_program", arg_inputs=list(example),
+                            **dynamic)
     try:
         verify_tensorrt(partial, checkpoint, flow_steps, device, max_batch)
     except Exception:
@@ -657,14 +659,20 @@ def _load_tensorrt(checkpoint: Checkpoint, flow_steps: int, artifacts_dir: Path,
     _import_tensorrt()
     device = _cuda_device(device, "tensorrt")
     path = artifact_path(artifacts_dir, "tensorrt", flow_steps)
-    if not path.is_file():
+    expected = tensorrt_cache_key(checkpoint, flow_steps, max_batch, device)
+    if not path.is_file() and not build_if_missing:
+        raise EngineUnavailable(f"no TensorRT program at {path}; build it with "
+                                f"`cfgrl-export <checkpoint> --formats tensorrt --flow-steps {flow_steps}`")
+    try:
+        check_cache_key(expected, read_sidecar(path), path)
+    except EngineUnavailable as stale:
         if not build_if_missing:
-            raise EngineUnavailable(f"no TensorRT program at {path}; build it with "
-                                    f"`cfgrl-export <checkpoint> --formats tensorrt --flow-steps {flow_steps}`")
+            raise
+        if path.is_file():  # e.g. the checkpoint was retrained in place, or another GPU
+            log.warning("%s: building a new one", stale)
         build_tensorrt(checkpoint, flow_steps, path, device, max_batch)
-    found = read_sidecar(path)
-    check_cache_key(tensorrt_cache_key(checkpoint, flow_steps, max_batch, device), found, path)
-    return TensorRTEngine(path, checkpoint.config, flow_steps, device, int(found["max_batch"]))
+        check_cache_key(expected, read_sidecar(path), path)
+    return TensorRTEngine(path, checkpoint.config, flow_steps, device, int(read_sidecar(path)["max_batch"]))
 
 
 def to_numpy(actions: torch.Tensor) -> np.ndarray:
