@@ -198,6 +198,22 @@ def test_a_reset_mid_episode_aborts_it_and_an_old_answer_never_steps_the_new_one
     assert policy.statuses[-1]["episode"] == 2 and policy.statuses[-1]["steps"] == 0  # the new episode untouched
 
 
+def test_auto_reset_starts_the_next_seed_and_wraps_at_the_last_one(ros_session, ros_env, tmp_path):
+    from cfgrl_ros.nodes.processes import SIM_MODULE
+
+    last_seed = 2**32 - 1  # seed + 1 would be refused, and the same episode replayed
+    sim = start(ros_session, SIM_MODULE, {"env_name": "pointreach", "max_episode_steps": 1, "auto_reset": True,
+                                          "seed": last_seed - 1}, tmp_path, "sim", ros_env)
+    policy = FakePolicy()
+    policy.wait(lambda: policy.frames and policy.publisher.get_subscription_count() > 0, "the first frame",
+                STARTUP_S, [sim])
+    for episode in (1, 2, 3):  # one step each: every action ends an episode and starts the next
+        policy.wait(lambda: len(policy.distinct_frames()) == episode, f"episode {episode}'s frame", processes=[sim])
+        policy.send([1.0, 0.0], policy.distinct_frames()[-1].header.stamp)
+        policy.wait(lambda: len(policy.results) == episode, f"episode {episode}'s result", processes=[sim])
+    assert [r["seed"] for r in policy.results] == [last_seed - 1, last_seed, 0]
+
+
 def test_lockstep_episode_through_the_real_policy_node(ros_session, ros_env, tmp_path):
     """A short visual-cube episode, one step per action of the real node, with /clock for sim time."""
     from rclpy.parameter import Parameter

@@ -56,7 +56,7 @@ PARAMETERS = (
     ParamSpec("control_rate_hz", 10.0, "realtime: env steps per second.", finite_in(0.1, 1000.0), "start"),
     ParamSpec("resend_timeout_s", 2.0, "lockstep: publish the frame again after this long without a usable action.",
               finite_in(0.01, 3600.0), "live"),
-    ParamSpec("auto_reset", False, "Start the next episode (seed + 1) when one ends.", boolean, "live"),
+    ParamSpec("auto_reset", False, "Start the next episode (seed + 1, after 2**32 - 1: 0) when one ends.", boolean, "live"),
     ParamSpec("autostart", True, "Start an episode at start-up.", boolean, "start"),
     ParamSpec("shadow_size", 0, "Shadow-map size; 0: the env's own.", int_in(0, 16384), "start"),
     ParamSpec("image_size", 0, "pointreach only: camera size; 0: 64.", int_in(0, 1024), "start"),
@@ -180,8 +180,8 @@ class SimNode(Node):
         self.get_logger().info(f"episode {self.episode_index} ended: success={result['success']} "
                                f"after {result['steps']} steps")
         if self.param("auto_reset"):
-            seed = self.param("seed")
-            self.set_parameters([Parameter("seed", value=seed + 1)])
+            next_seed = (self.param("seed") + 1) % 2**32  # wraps inside numpy's range instead of being refused
+            self.set_parameters([Parameter("seed", value=next_seed)])
             self.start_episode()
 
     def _counters(self) -> dict:
