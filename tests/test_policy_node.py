@@ -819,7 +819,8 @@ def test_an_activation_that_fails_says_why(ros_domain, tmp_path):
 @requires_rclpy
 def test_a_transition_that_raises_leaves_no_inputs_behind(ros_domain, tmp_path, monkeypatch):
     """rclpy sends a raising transition to on_error: the node ends unconfigured with no subscription
-    or control timer left (a goal arriving then would find no engine), and can be started again."""
+    or control timer left (a goal arriving then would find no engine), and can be started again; a
+    stop requested during the configure leaves it configured but not acting."""
     import torch
     from lifecycle_msgs.msg import State
     from rclpy.parameter import Parameter
@@ -844,6 +845,12 @@ def test_a_transition_that_raises_leaves_no_inputs_behind(ros_domain, tmp_path, 
         assert node._subscriptions_active == [] and node._control_timer is None and node.engine is None
         assert node.count_subscribers("/raising/goal/vector") == 0 and node.count_subscribers("/raising/camera/image") == 0
         assert node.start(), "the node did not come back after the error"
+        node.trigger_deactivate()
+        node.trigger_cleanup()
+        stop = threading.Event()
+        stop.set()  # as Ctrl-C during a long configure leaves it: configured, never acting
+        assert node.start(stop) and node.worker is None and node.engine is not None
+        assert node._state_machine.current_state[0] == State.PRIMARY_STATE_INACTIVE
     finally:
         if node.worker is not None:
             node.trigger_deactivate()

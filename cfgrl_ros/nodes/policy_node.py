@@ -208,10 +208,15 @@ class PolicyNode(LifecycleNode):
                                f"{time.perf_counter() - start:.2f} s)")
 
     # ---------------------------------------------------------------- lifecycle
-    def start(self) -> bool:
-        """Configure and activate (what autostart does); False when either step fails."""
-        return (self.trigger_configure() == TransitionCallbackReturn.SUCCESS
-                and self.trigger_activate() == TransitionCallbackReturn.SUCCESS)
+    def start(self, stop: threading.Event | None = None) -> bool:
+        """Configure and activate (what autostart does); False when either step fails. A stop set while
+        configuring (Ctrl-C during a minutes-long TensorRT build) leaves the node configured, not acting."""
+        if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+            return False
+        if stop is not None and stop.is_set():
+            self.get_logger().info("stop requested while configuring: not activating")
+            return True
+        return self.trigger_activate() == TransitionCallbackReturn.SUCCESS
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
@@ -637,7 +642,7 @@ def main(args: list[str] | None = None) -> int:
     executor.add_node(node)
     code = 0
     try:
-        if node.param("autostart") and not node.start():
+        if node.param("autostart") and not node.start(stop):
             node.get_logger().fatal("autostart failed: see the error above")
             code = 1
         while code == 0 and rclpy.ok() and not stop.is_set():
