@@ -110,6 +110,7 @@ class PolicyNode(LifecycleNode):
         self._active: Active | None = None
         self._checkpoint: Checkpoint | None = None  # as loaded at configure: a flow_steps rebuild never rereads the file
         self._flow_steps_generation = 0  # the newest flow_steps request; older preparations are dropped
+        self._engine_lock = threading.Lock()  # a prepared engine is installed, or the policy released, not both
         self.flow_steps_note = ""
         self.fallback_reason = ""
         self.frames: Mailbox[Frame] = Mailbox()
@@ -185,12 +186,12 @@ class PolicyNode(LifecycleNode):
                          name="cfgrl-flow-steps", daemon=True).start()
 
     def _load_for_flow_steps(self, flow_steps: int, generation: int) -> None:
-        current = self._active
-        if current is None:
+        current, checkpoint = self._active, self._checkpoint
+        if current is None or checkpoint is None:
             return  # cleaned up before this thread ran
         start = time.perf_counter()
         try:
-            engine = load_engine(self._checkpoint, current.engine.name, str(current.engine.device),
+            engine = load_engine(checkpoint, current.engine.name, str(current.engine.device),
                                  flow_steps=flow_steps)
         except Exception as error:  # noqa: BLE001 - reported, and the count in use stays
             if generation == self._flow_steps_generation:
@@ -199,10 +200,13 @@ class PolicyNode(LifecycleNode):
                 self.set_parameters([Parameter("flow_steps", value=current.flow_steps)])
                 self.flow_steps_note = note  # after the revert, which clears the note
             return
-        if generation != self._flow_steps_generation:  # a newer request, or the node was cleaned up
+        with self._engine_lock:
+            superseded = generation != self._flow_steps_generation  # a newer request, or the node was cleaned up
+            if not superseded:
+                self._active = Active(engine, flow_steps)
+        if superseded:
             self.get_logger().info(f"flow_steps {flow_steps} ready but superseded: dropped")
             return
-        self._active = Active(engine, flow_steps)
         self.flow_steps_note = ""
         self.get_logger().info(f"flow_steps {flow_steps} in use ({engine.name} ready after "
                                f"{time.perf_counter() - start:.2f} s)")
@@ -359,8 +363,9 @@ class PolicyNode(LifecycleNode):
         if self._action_pub is not None:
             self.destroy_lifecycle_publisher(self._action_pub)
         self._action_pub = self._diagnostics_pub = self._diagnostics_timer = None
-        self._flow_steps_generation += 1  # a flow_steps preparation still running is dropped
-        self._active, self._checkpoint = None, None
+        with self._engine_lock:
+            self._flow_steps_generation += 1  # a flow_steps preparation still running is dropped
+            self._active, self._checkpoint = None, None
         self._goal, self._observation, self._last_action = None, None, None
         self._frame_unacted = False
         self._camera_arrival_s = self._goal_arrival_s = None
