@@ -11,8 +11,8 @@ The embedded default (cfgrl_ros/data/default_policy.safetensors, model card besi
 policy for the toy PointReach task (a dot seen by a 16x16 camera, suboptimal demonstrations),
 trained on this project's 2-core CPU: no visual-cube policy trained at the paper's scale exists
 yet, because that needs the GPU machine (see docs/reproduce.md). By default it runs the 5
-evaluation tasks x 10 episodes for each w, 30 steps each: 3,000 lockstep steps, about 1-2 minutes
-on a 2-core CPU. A visual-cube policy of your own runs the same way:
+evaluation tasks x 10 episodes for each w, at most 30 steps each (episodes end at the goal): under
+a minute on a 2-core CPU. A visual-cube policy of your own runs the same way:
 
     bash scripts/demo.sh                                          # setup + the default
     python scripts/demo.py --env visual-cube-single-v0 --policy my_cube.safetensors --tasks 2 3 \

@@ -170,8 +170,8 @@ headline() {
   ((REHEARSAL)) && settings=(--scale smoke --device cpu)
   local reproduce=("$PYTHON" -m training.reproduce --task visual-cube-single --goal-mode "$goal_mode"
     --out "$run" --data-dir "$RUN_DIR/data" "${settings[@]}")
-  # One step per stage: each has its own limit, and a later stage running out of time keeps the
-  # earlier ones' figures. A failed stage stops the chain (the next would only fail on it).
+  # Three steps (generation, training, evaluation with the report): each has its own limit, and a
+  # later one running out of time keeps the earlier ones' figures. A failed step stops the chain.
   for until in generate train report; do
     step "headline-$until" 420 "${reproduce[@]}" --until "$until" || break
   done

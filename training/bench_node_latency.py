@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--flood-hz", type=float, default=200.0)
     parser.add_argument("--flood-seconds", type=float, default=10.0)
     parser.add_argument("--soak-minutes", type=float, default=0.0, help="0 = no soak")
-    parser.add_argument("--domain-id", type=int, default=None,
+    parser.add_argument("--ros-domain-id", type=int, default=None,
                         help="ROS domain (default: a free one of 30-59, claimed with a lock file)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: latency,flood")
     parser.add_argument("--out", help="write all figures as JSON here")
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     log_dir = Path(tempfile.mkdtemp(prefix="cfgrl_bench_node_"))
     # Own domain, localhost discovery, logs in a temp dir: for this process and the node it starts.
-    isolate_process(args.domain_id)
+    isolate_process(args.ros_domain_id)
     os.environ["ROS_LOG_DIR"] = str(log_dir / "ros")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     import rclpy
