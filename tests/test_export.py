@@ -174,3 +174,15 @@ def test_an_fp16_copy_that_would_overflow_is_refused(tmp_path, capsys):
     assert main([str(source), "--out", str(tmp_path / "out"), "--formats", "fp16"]) == 2
     assert "beyond float16's range" in capsys.readouterr().err
     assert not (tmp_path / "out" / "policy_fp16.safetensors").exists()
+
+
+def test_exports_with_other_formats_add_to_the_manifest(tmp_path):
+    source = save_checkpoint(tmp_path / "ckpt.safetensors", CFGRLPolicy(tiny_config("oracle")))
+    out = tmp_path / "out"
+    assert main([str(source), "--out", str(out), "--formats", "fp16", "--flow-steps", "2"]) == 0
+    assert main([str(source), "--out", str(out), "--formats", "pt2", "--flow-steps", "2", "--max-batch", "4"]) == 0
+    manifest = json.loads((out / "manifest_k2.json").read_text())
+    assert sorted(manifest["artifacts"]) == ["fp16", "pt2"]
+    other = save_checkpoint(tmp_path / "other.safetensors", CFGRLPolicy(tiny_config("oracle")))
+    assert main([str(other), "--out", str(out), "--formats", "fp16", "--flow-steps", "2"]) == 0
+    assert sorted(json.loads((out / "manifest_k2.json").read_text())["artifacts"]) == ["fp16"]  # another model

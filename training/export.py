@@ -141,6 +141,14 @@ def write_manifest(out_dir: Path, checkpoint: Checkpoint, checkpoint_path: str |
         "artifacts": {kind: path.name for kind, path in written.items()},
     }
     path = out_dir / f"manifest_k{flow_steps}.json"
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        previous = {}
+    if isinstance(previous, dict) and previous.get("model_sha256") == manifest["model_sha256"]:
+        # An earlier run with other --formats, same model: its artifacts still on disk stay listed.
+        kept = {kind: name for kind, name in previous.get("artifacts", {}).items() if (out_dir / name).is_file()}
+        manifest["artifacts"] = {**kept, **manifest["artifacts"]}
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     return path
 
