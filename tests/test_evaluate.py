@@ -95,6 +95,9 @@ def test_summarize_rejects_missing_cells():
         ev.summarize(episodes)
     with pytest.raises(ValueError):
         ev.summarize([])
+    one_less = [e for e in fake_episodes() if not (e["w"] == 3.0 and e["task"] == 1 and e["episode"] == 0)]
+    with pytest.raises(ValueError, match=r"w=3.0: unequal episodes per task \[3, 4\]"):
+        ev.summarize(one_less)
 
 
 # --- report files -------------------------------------------------------------------------------

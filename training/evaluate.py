@@ -516,8 +516,8 @@ def summarize(episodes: Sequence[Mapping[str, Any]], **metadata: Any) -> dict:
     """Results dict from episode records {w, task, episode, success, ...}; metadata is copied in.
 
     Per w and task: successes, episodes, rate, Wilson 95% CI. Overall: OGBench's score, the mean of
-    the task rates, with the Wilson CI of all its episodes pooled (the same proportion when every
-    task has as many episodes, as in this evaluator).
+    the task rates, with the Wilson CI of all its episodes pooled, which is the same proportion
+    because every cell must have as many episodes.
     """
     if not episodes:
         raise ValueError("no episodes to summarize")
@@ -531,6 +531,9 @@ def summarize(episodes: Sequence[Mapping[str, Any]], **metadata: Any) -> dict:
             if not outcomes:
                 raise ValueError(f"no episodes for w={w}, task {task}: every w needs every task")
             per_task.append({"task": task, **proportion(sum(outcomes), len(outcomes))})
+        if len({t["episodes"] for t in per_task}) > 1:
+            raise ValueError(f"w={w}: unequal episodes per task {[t['episodes'] for t in per_task]}: the pooled "
+                             "interval would not be the interval of the mean of the task rates")
         pooled = proportion(sum(t["successes"] for t in per_task), sum(t["episodes"] for t in per_task))
         pooled["rate"] = float(np.mean([t["rate"] for t in per_task]))
         results.append({"w": w, "tasks": per_task, "overall": pooled})
