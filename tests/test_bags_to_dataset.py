@@ -34,16 +34,18 @@ def teleop_bag(path, frames: np.ndarray, actions: np.ndarray, pause_after: int |
             writer.write(action_topic, bags.VECTOR_TYPE, t + 5_000_000, bags.vector_message(action))
 
 
-def policy_bag(path, frames: np.ndarray, actions: np.ndarray, stale_at: int) -> None:
-    """What cfgrl_recorder records: frames and PolicyActions matched by image_stamp, one stale stop."""
+def policy_bag(path, frames: np.ndarray, actions: np.ndarray, stale_at: int, camera_stamps: bool = True) -> None:
+    """What cfgrl_recorder records: frames and PolicyActions matched by image_stamp, one stale stop.
+    camera_stamps False: a camera that leaves its stamps 0, which the policy node copies into image_stamp."""
     types = bags.typestore().types
     with bags.BagWriter(path) as writer:
         for i, (frame, action) in enumerate(zip(frames, actions)):
             t = 10**9 + i * PERIOD_NS
-            writer.write("/camera/image", bags.IMAGE_TYPE, t, bags.image_message(frame, t))
+            stamp = t if camera_stamps else 0
+            writer.write("/camera/image", bags.IMAGE_TYPE, t, bags.image_message(frame, stamp))
             header = types["std_msgs/msg/Header"](stamp=bags.make_stamp(t + 2000), frame_id="base_link")
             message = types[bags.POLICY_ACTION_TYPE](
-                header=header, image_stamp=bags.make_stamp(t), action=action.astype(np.float32), w=3.0,
+                header=header, image_stamp=bags.make_stamp(stamp), action=action.astype(np.float32), w=3.0,
                 flow_steps=16, inference_time_ms=0.0 if i == stale_at else 4.0)
             writer.write("/action", bags.POLICY_ACTION_TYPE, t + 3000, message)
 
@@ -91,6 +93,17 @@ def test_policy_actions_pair_by_image_stamp_and_stale_stops_split_episodes(tmp_p
         np.testing.assert_array_equal(raw["actions"], actions[:4])
         np.testing.assert_array_equal(val["actions"], actions[5:])
         np.testing.assert_array_equal(val["observations"][0], fit_to_policy(frames[5], 16))
+
+
+def test_policy_actions_of_an_unstamped_camera_pair_by_receive_time(tmp_path):
+    """Every frame stamped 0 would make image_stamp name them all: each action takes the newest frame instead."""
+    frames = random_frames(6, 6)
+    actions = np.random.default_rng(7).uniform(-1, 1, (6, 2)).astype(np.float32)
+    policy_bag(tmp_path / "bag", frames, actions, stale_at=3, camera_stamps=False)
+    record = import_bags([tmp_path / "bag"], tmp_path / "policy-v0.npz", SETTINGS)
+    assert record["episodes"] == [1, 1] and record["rows"] == [3, 2]
+    with np.load(tmp_path / "policy-v0.npz") as raw:
+        np.testing.assert_array_equal(raw["observations"], np.stack([fit_to_policy(f, 16) for f in frames[:3]]))
 
 
 def test_joystick_axes_are_actions(tmp_path):

@@ -4,7 +4,8 @@
 
 Each row is one recorded action and the camera frame it was chosen on:
 - cfgrl_ros/msg/PolicyAction (what cfgrl_recorder records): the frame whose header stamp is the
-  action's image_stamp. Stale-input stops (inference_time_ms == 0) are not demonstrations: they end
+  action's image_stamp (an image_stamp of 0, from a camera that leaves its stamps unset, is paired
+  like a command below). Stale-input stops (inference_time_ms == 0) are not demonstrations: they end
   the episode and are left out.
 - sensor_msgs/msg/Joy (its axes) or std_msgs/msg/Float32MultiArray (e.g. a teleoperation command):
   the newest frame at or before the action, if it is at most --max-image-age-s older; otherwise the
@@ -127,7 +128,7 @@ def bag_episodes(path: Path, settings: ImportSettings, counts: Counts) -> list[t
             counts.stale_stops += 1
             end_episode()
             continue
-        if command.image_stamp_ns is not None:
+        if command.image_stamp_ns:  # an unset image_stamp (a camera that leaves stamps 0) names no frame
             frame = frame_of_image_stamp.get(command.image_stamp_ns)
         elif command.stamp_ns > 0 and stamped_frames:  # both stamped at the source: immune to delivery order
             frame = newest_fresh("stamp", command.stamp_ns)
