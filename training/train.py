@@ -294,6 +294,9 @@ def train(config: TrainConfig) -> Path:
 
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
+            if distributed:  # the mean over every rank's batches, and every rank stops together on a NaN
+                dist.all_reduce(loss_sum)
+                loss_sum /= world
             loss_value = loss_sum.item() / (done - last_step)  # the mean since the last log; NaN if any was
             loss_sum.zero_()
             if not math.isfinite(loss_value):
