@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from cfgrl_ros.checkpoint import Checkpoint, load_checkpoint
 from cfgrl_ros.policy import PolicyConfig
-from cfgrl_ros.sampler import GuidedSampler, check_sampler_inputs
+from cfgrl_ros.sampler import GuidedSampler, check_sampler_inputs, flow_times
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,9 @@ class CompiledEngine:
         # on the first step and compile a second graph for it.
         actions, w = noise.to(self.device, condition.dtype, copy=True), w.to(self.device)
         dt = torch.tensor(1.0 / flow_steps, device=self.device)
+        times = flow_times(flow_steps, self.device)  # one host-to-device copy, not one per step
         for i in range(flow_steps):
-            actions = self._step(condition, actions, torch.tensor(i / flow_steps, device=self.device), dt, w)
+            actions = self._step(condition, actions, times[i], dt, w)
         return actions.clamp(-1.0, 1.0)
 
 
