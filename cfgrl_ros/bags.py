@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
+from rosbags.interfaces import Qos
 from rosbags.rosbag2 import Reader, ReaderError, StoragePlugin, Writer
 from rosbags.rosbag2.storage_mcap import decompress
 from rosbags.typesys import Stores, get_typestore, get_types_from_msg
@@ -77,10 +78,14 @@ class BagWriter:
         self._connections: dict[str, object] = {}
         self.counts: dict[str, int] = {}
 
-    def write_cdr(self, topic: str, msgtype: str, timestamp_ns: int, data: bytes) -> None:
+    def write_cdr(self, topic: str, msgtype: str, timestamp_ns: int, data: bytes,
+                  offered_qos: Qos | None = None) -> None:
+        """offered_qos (taken on a topic's first message): what `ros2 bag play` publishes it with; without
+        it rosbag2 plays reliable volatile, which a transient-local (latched goal) subscriber never takes."""
         connection = self._connections.get(topic)
         if connection is None:
-            connection = self._writer.add_connection(topic, msgtype, typestore=typestore())
+            connection = self._writer.add_connection(topic, msgtype, typestore=typestore(),
+                                                     offered_qos_profiles=[offered_qos] if offered_qos else ())
             self._connections[topic] = connection
         elif connection.msgtype != msgtype:
             raise BagError(f"{topic} is recorded as {connection.msgtype}, cannot add a {msgtype}")

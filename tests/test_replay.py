@@ -290,6 +290,13 @@ def test_bag_written_replayed_and_compared(ros_env, tmp_path):
     topics = bags.bag_topics(tmp_path / "recorded_bag")
     assert topics["/action"] == (bags.POLICY_ACTION_TYPE, 5) and topics["/goal/vector"][1] == 1
     assert topics["/camera/image"][1] >= 5  # a resent frame appears twice, and is read back once
+    from rosbags.interfaces import QosDurability, QosReliability
+    from rosbags.rosbag2 import Reader
+
+    with Reader(tmp_path / "recorded_bag") as reader:  # what `ros2 bag play` will publish each topic with
+        offered = {c.topic: c.ext.offered_qos_profiles for c in reader.connections}
+    assert [q.durability for q in offered["/goal/vector"]] == [QosDurability.TRANSIENT_LOCAL]  # latched again
+    assert [q.reliability for q in offered["/action"]] == [QosReliability.RELIABLE]
     recorded = bag_frames(tmp_path / "recorded_bag")
     assert len(recorded) == 5 and all((f.image == image).all() for f, image in zip(recorded, images))
 
@@ -306,6 +313,7 @@ def test_bag_written_replayed_and_compared(ros_env, tmp_path):
     assert "| MSE | 0 |" in (tmp_path / "second" / "replay_report.md").read_text()
 
 
+@pytest.mark.requires_rclpy
 def test_lockstep_replay_gives_up_on_a_policy_that_never_acts(ros_env, tmp_path):
     """A goal the policy refuses (3 values for a 2-d goal): no action ever comes, and the replay stops after
     MAX_UNANSWERED_IN_A_ROW frames instead of waiting out every frame's timeout."""
@@ -334,7 +342,8 @@ def test_replay_and_recorder_command_lines_refuse_bad_values_before_starting(tmp
     (tmp_path / "taken").mkdir()
     for argv, message in ((["--source", "x.npz", "--rate", "nan"], "--rate must be recorded, lockstep or a positive"),
                           (["--source", "x.npz", "--rate", "inf"], "--rate must be"),
-                          (["--source", "x.npz", "--record", str(tmp_path / "taken")], "exists; rosbag2 bags")):
+                          (["--source", "x.npz", "--record", str(tmp_path / "taken")], "exists; rosbag2 bags"),
+                          (["--source", "x.npz", "--rate", "10", "--speed", "2"], "--speed scales --rate recorded")):
         with pytest.raises(SystemExit) as exit_info:
             replay_node.parse_args(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
@@ -344,6 +353,10 @@ def test_replay_and_recorder_command_lines_refuse_bad_values_before_starting(tmp
     with pytest.raises(SystemExit) as exit_info:
         recorder.main(["--out", str(tmp_path / "new"), "--teleop-topic", "/action"])
     assert exit_info.value.code == 2 and "--teleop-topic /action is recorded already" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        recorder.main(["--out", str(tmp_path / "new"), "--teleop-topic", "bad topic"])
+    assert exit_info.value.code == 2 and "'bad topic' is not a topic name" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_image_decoding_of_bag_messages_uses_the_node_decoder():

@@ -17,14 +17,19 @@ chunk it finished (all but the last ~1 MiB of messages) into a new bag, run1_bag
 from __future__ import annotations
 
 import argparse
+import shutil
+import signal
 import sys
 from pathlib import Path
 
 import rclpy
 from rclpy.event_handler import SubscriptionEventCallbacks, qos_policy_name_from_kind
+from rclpy.exceptions import InvalidTopicNameException
 from rclpy.executors import ExternalShutdownException
+from rclpy.validate_topic_name import validate_topic_name
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
 from sensor_msgs.msg import Image, Joy
 from std_msgs.msg import Float32MultiArray, String
 
@@ -49,15 +54,31 @@ RECORDED_TOPICS = {
 TELEOP_TYPES = {"joy": (Joy, bags.JOY_TYPE), "float32multiarray": (Float32MultiArray, bags.VECTOR_TYPE)}
 
 
+def bag_qos(profile: QoSProfile) -> Qos:
+    """An rclpy QoS profile as a bag's offered_qos_profiles entry (the enums share rmw's values)."""
+    unspecified = QosTime(sec=0, nsec=0)  # rmw's "default" deadline, lifespan and lease
+    return Qos(history=QosHistory(int(profile.history)), depth=profile.depth,
+               reliability=QosReliability(int(profile.reliability)), durability=QosDurability(int(profile.durability)),
+               deadline=unspecified, lifespan=unspecified, liveliness=QosLiveliness.SYSTEM_DEFAULT,
+               liveliness_lease_duration=unspecified, avoid_ros_namespace_conventions=False)
+
+
 class TopicRecorder(Node):
+    """Each topic recorded with the QoS it is subscribed with, which is also what its bag offers on playback."""
+
     def __init__(self, bag_path: str, topics: dict = RECORDED_TOPICS, name: str = "cfgrl_recorder",
                  camera_qos: str = "reliable"):
         super().__init__(name)
         self.writer = bags.BagWriter(bag_path)
-        for topic, (msg_class, type_name, qos) in topics.items():
-            qos = CAMERA_QOS[camera_qos] if topic == bridge.CAMERA_TOPIC else qos
-            self.create_subscription(msg_class, topic, self._writer_for(topic, type_name), qos, raw=True,
-                                     event_callbacks=self._qos_events(topic))
+        try:
+            for topic, (msg_class, type_name, qos) in topics.items():
+                qos = CAMERA_QOS[camera_qos] if topic == bridge.CAMERA_TOPIC else qos
+                self.create_subscription(msg_class, topic, self._writer_for(topic, type_name, qos), qos, raw=True,
+                                         event_callbacks=self._qos_events(topic))
+        except BaseException:  # e.g. an invalid topic name: no empty bag is left to block the next --out
+            self.writer.close()
+            shutil.rmtree(bag_path, ignore_errors=True)
+            raise
         self.get_logger().info(f"recording {', '.join(topics)} to {bag_path}")
 
     def _qos_events(self, topic: str) -> SubscriptionEventCallbacks:
@@ -67,16 +88,26 @@ class TopicRecorder(Node):
                                     f"({qos_policy_name_from_kind(info.last_policy_kind)}); not recorded{hint}")
         return SubscriptionEventCallbacks(incompatible_qos=incompatible)
 
-    def _writer_for(self, topic: str, type_name: str):
+    def _writer_for(self, topic: str, type_name: str, qos: QoSProfile):
         resolved = self.resolve_topic_name(topic)  # absolute, as `ros2 bag record` stores it
+        offered = bag_qos(qos)
 
         def write(data: bytes) -> None:
-            self.writer.write_cdr(resolved, type_name, self.get_clock().now().nanoseconds, data)
+            self.writer.write_cdr(resolved, type_name, self.get_clock().now().nanoseconds, data, offered)
         return write
 
     def close(self) -> None:
         self.writer.close()
-        self.get_logger().info(f"bag closed: {self.writer.counts}")
+        if self.context.ok():
+            self.get_logger().info(f"bag closed: {self.writer.counts}")
+        else:  # after Ctrl-C the logger can no longer reach /rosout
+            print(f"[{self.get_name()}] bag closed: {self.writer.counts}", file=sys.stderr)
+
+
+def stop_between_messages() -> None:
+    """Ctrl-C as SIGTERM: rclpy shuts the context down and spin returns between callbacks. Python's
+    KeyboardInterrupt, which rclpy would also raise, can land in the middle of a bag write."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # before rclpy.init, which keeps no Python handler to chain
 
 
 def recover(bag: str, out: str) -> int:
@@ -91,7 +122,7 @@ def recover(bag: str, out: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="cfgrl_recorder", description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="new rosbag2 directory to create (with --recover: default BAG-recovered)")
     parser.add_argument("--camera-qos", choices=sorted(CAMERA_QOS), default="reliable",
                         help="reliability of the camera subscription (best_effort for a sensor-QoS camera)")
@@ -107,8 +138,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--out is required (the new bag directory)")
     if args.teleop_topic and bags.same_topic(args.teleop_topic) in map(bags.same_topic, RECORDED_TOPICS):
         parser.error(f"--teleop-topic {args.teleop_topic} is recorded already, as the node's own topic")
+    if args.teleop_topic:
+        try:
+            validate_topic_name(args.teleop_topic)
+        except InvalidTopicNameException as error:
+            parser.error(f"--teleop-topic {args.teleop_topic!r} is not a topic name: {error}")
     if Path(args.out).exists():
         parser.error(f"{args.out} exists; rosbag2 bags are never overwritten, choose a new path")
+    stop_between_messages()
     rclpy.init(args=[sys.argv[0], *ros_args])
     topics = dict(RECORDED_TOPICS)
     if args.teleop_topic:

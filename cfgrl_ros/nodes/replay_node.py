@@ -26,14 +26,14 @@ from pathlib import Path
 import numpy as np
 import rclpy
 from rclpy.duration import Duration
-from rclpy.executors import SingleThreadedExecutor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from sensor_msgs.msg import Image
 from std_msgs.msg import Float32MultiArray
 
 from cfgrl_ros.msg import PolicyAction
 from cfgrl_ros.nodes import bridge
-from cfgrl_ros.nodes.recorder import TopicRecorder
+from cfgrl_ros.nodes.recorder import TopicRecorder, stop_between_messages
 from cfgrl_ros.bags import BagError
 from cfgrl_ros.replay import ReplayError, ReplayFrame, bag_frames, compare_actions, dataset_frames, write_replay_report
 from training.data import DatasetError
@@ -218,6 +218,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         value = getattr(args, name)
         if not (math.isfinite(value) and value > 0):
             parser.error(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    if args.speed != 1.0 and args.rate != "recorded":  # it would be silently ignored
+        parser.error(f"--speed scales --rate recorded; with --rate {args.rate} give the rate itself")
     if args.episodes is not None:
         try:
             args.episodes = [int(e) for e in args.episodes.split(",")]
@@ -235,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ReplayError, BagError, DatasetError) as error:
         print(f"cfgrl_replay_node: error: {error}", file=sys.stderr)
         return 2
+    stop_between_messages()  # Ctrl-C ends the replay cleanly, and never in the middle of a --record write
     rclpy.init(args=[sys.argv[0], *ros_args])
     executor = SingleThreadedExecutor()
     recorder = TopicRecorder(args.record, name="cfgrl_replay_recorder") if args.record else None
@@ -260,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         report = node.report(frames, str(args.source), args.rate)
         path = write_replay_report(report, args.out)
         print(path.read_text())
+    except ExternalShutdownException:
+        print(f"cfgrl_replay_node: interrupted after {len(node.actions)} actions; no report written"
+              + (f"; {args.record} closed" if recorder is not None else ""), file=sys.stderr)
+        return 130
     finally:
         if recorder is not None:
             recorder.close()
