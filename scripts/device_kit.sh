@@ -35,22 +35,29 @@ pinned() {  # NAME==VERSION from constraints.txt, matching names as pip does (ca
     "$REPO_ROOT/constraints.txt" | head -n 1 | grep . || die "$name is not pinned in constraints.txt"
 }
 
+pinned_specs() {  # sets SPECS: NAME==VERSION of every package (a plain assignment, so `pinned` failing stops us)
+  local name spec
+  SPECS=()
+  for name in "${PACKAGES[@]}"; do spec="$(pinned "$name")"; SPECS+=("$spec"); done
+}
+
 download_wheels() {
-  local specs=() name
-  for name in "${PACKAGES[@]}"; do specs+=("$(pinned "$name")"); done
+  pinned_specs
   mkdir -p "$WHEELS"
-  log "wheels for CPython 3.12: ${specs[*]}"
+  log "wheels for CPython 3.12: ${SPECS[*]}"
   "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 --platform any -d "$WHEELS" "${specs[@]}"
+    --platform manylinux2014_x86_64 --platform any -d "$WHEELS" "${SPECS[@]}"
 }
 
 build_site() {
   local site path
+  pinned_specs
   site="$(mktemp -d)"
-  # pip unpacks wheels for any target Python; nothing is compiled or run.
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$site" \
-    --python-version 3.12 --implementation cp --only-binary=:all: "$WHEELS"/*.whl
+  # pip unpacks wheels for any target Python; nothing is compiled or run. By pin, not by glob: the cache
+  # may still hold wheels of earlier pins.
+  "$PYTHON" -m pip install -q --no-index --find-links "$WHEELS" --no-deps --no-compile --target "$site" \
+    --python-version 3.12 --implementation cp --only-binary=:all: "${SPECS[@]}"
   for path in "${PRUNE[@]}"; do rm -rf "${site:?}/$path"; done
   find "$site" -name '*_test.py' -delete
   tar -czf "$KIT/site-py312.tar.gz" -C "$site" .
