@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         domain_id = isolate_process(args.ros_domain_id)  # loopback only, a domain no other run uses
-        max_steps = args.max_steps or episode_limit(args.env)
-    except (ValueError, RuntimeError) as error:  # EvaluationError too: an unknown env
+        max_steps = args.max_steps if args.max_steps is not None else episode_limit(args.env)
+    except (ValueError, RuntimeError, OSError) as error:  # EvaluationError too: an unknown env; OSError: the lock dir
         parser.error(str(error))
     episodes = len(args.w) * len(args.tasks) * args.episodes_per_task
     seconds_per_step = SECONDS_PER_STEP_CPU.get(args.env, SECONDS_PER_STEP_CPU["default"])
@@ -78,15 +78,23 @@ def main(argv: list[str] | None = None) -> int:
           "early when the goal is reached.", flush=True)
     out_dir = Path(args.out_dir)
     try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out-dir {out_dir}: {error}")
+    try:
         results = evaluate_through_ros(args.policy, args.env, args.w, episodes_per_task=args.episodes_per_task,
                                        tasks=args.tasks, seed=args.seed, max_steps=max_steps,
                                        shadow_size=args.shadow_size, log_dir=out_dir / "logs")
     except (EvaluationError, CheckpointError) as error:
-        parser.error(f"{error} (node logs: {out_dir / 'logs'})")
+        started = (out_dir / "logs").is_dir()  # refused before any node started: no logs to point at
+        parser.error(f"{error}" + (f" (node logs: {out_dir / 'logs'})" if started else ""))
     except KeyboardInterrupt:
         print("\ndemo: interrupted; the nodes were stopped", file=sys.stderr)
         return 130
-    paths = write_report(results, out_dir)
+    try:
+        paths = write_report(results, out_dir)
+    except OSError as error:
+        parser.error(f"could not write the report to {out_dir}: {error}")
     print()
     for row in results["results"]:
         overall = row["overall"]

@@ -44,7 +44,8 @@ as_root() {
 # Hash of the names and contents of the given repo-relative files, plus any extra words.
 hash_inputs() {
   local extra="$1"; shift
-  { (cd "$REPO_ROOT" && sha256sum "$@"); printf '%s\n' "$extra"; } | sha256sum | cut -d' ' -f1
+  # A missing input is an error, not a hash without it (`set -e` does not reach into $(...) here).
+  { (cd "$REPO_ROOT" && sha256sum "$@") || die "cannot hash $*"; printf '%s\n' "$extra"; } | sha256sum | cut -d' ' -f1
 }
 
 # True when step $1 last ran with input hash $2 and its output file $3 is still there.
@@ -80,9 +81,10 @@ install_apt_packages() {
     return
   fi
   log "apt: installing ${MISSING_APT[*]}"
-  as_root apt-get update -qq
+  # A fresh VM's own apt jobs often hold the lock for a while: wait for it instead of failing.
+  as_root apt-get -o DPkg::Lock::Timeout=600 update -qq
   quietly as_root env DEBIAN_FRONTEND=noninteractive \
-    apt-get install -y --no-install-recommends "${MISSING_APT[@]}"
+    apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends "${MISSING_APT[@]}"
 }
 
 # The package names above are Debian 12's; elsewhere they may differ, so say so before using them.
@@ -190,6 +192,11 @@ check_install() {
 
 main() {
   local start=$SECONDS
+  # One set-up at a time per venv: test.sh and demo.sh both run this, and two at once would rebuild
+  # the same build directories and install into the same venv together.
+  mkdir -p "$(dirname "$VENV_DIR")"
+  exec 9>"$VENV_DIR.setup.lock"
+  flock 9
   check_os
   find_python311 >/dev/null  # before apt: a missing Python 3.11 is said first
   install_apt_packages

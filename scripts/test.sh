@@ -12,7 +12,8 @@ cd "$REPO_ROOT"
 status=0
 # The set-up above installed ROS 2: a test that would skip for want of rclpy fails instead.
 export CFGRL_REQUIRE_ROS=1
-python -m pytest -q tests "$@" || status=$?
+# A test hung for 15 minutes prints every thread's stack, so a CI time-out still says where.
+python -m pytest -q -o faulthandler_timeout=900 tests "$@" || status=$?
 if ((status == 5)); then
   echo "test.sh: pytest collected no tests; that is a failure here" >&2
   exit 1

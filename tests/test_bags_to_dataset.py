@@ -213,7 +213,7 @@ def test_an_existing_dataset_is_replaced_only_on_request(tmp_path):
 @pytest.mark.requires_rclpy
 def test_a_demonstration_recorded_over_dds_becomes_a_dataset(ros_env, tmp_path):
     """cfgrl_recorder --teleop-topic records a camera and a joystick over real DDS; SIGINT closes the bag,
-    and cfgrl-bags-to-dataset makes two episodes of it (a 2 s pause splits them), each command on the
+    and cfgrl-bags-to-dataset makes two episodes of it (a 4 s pause splits them), each command on the
     frame stamped just before it, whatever order the recorder received them in."""
     import signal
     import subprocess
@@ -226,6 +226,7 @@ def test_a_demonstration_recorded_over_dds_becomes_a_dataset(ros_env, tmp_path):
                                 env=ros_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     teleoperator = f"""
 import time, numpy as np, rclpy
+from rclpy.duration import Duration
 from rclpy.qos import QoSProfile
 from sensor_msgs.msg import Image, Joy
 rclpy.init()
@@ -239,7 +240,7 @@ assert camera.get_subscription_count() and joy.get_subscription_count(), "the re
 time.sleep(1.0)  # past discovery: no early message lost
 for i, frame in enumerate(np.load({str(tmp_path / "frames.npy")!r})):
     if i == 10:
-        time.sleep(2.0)  # the operator pauses: a new episode
+        time.sleep(4.0)  # the operator pauses: a new episode (--episode-gap-s 2.5, room for a slow callback)
     image = Image(height=24, width=32, encoding="rgb8", step=96, data=frame.tobytes())
     image.header.stamp = node.get_clock().now().to_msg()  # as a camera driver stamps its frames
     camera.publish(image)
@@ -248,7 +249,8 @@ for i, frame in enumerate(np.load({str(tmp_path / "frames.npy")!r})):
     command.header.stamp = node.get_clock().now().to_msg()  # as joy_node stamps its messages
     joy.publish(command)
     time.sleep(0.04)
-time.sleep(1.0)  # reliable delivery of the last messages
+for publisher in (camera, joy):  # reliable: every message is in the recorder before it is stopped
+    assert publisher.wait_for_all_acked(Duration(seconds=30)), "the recorder did not take every message"
 """
     try:
         completed = subprocess.run([sys.executable, "-c", teleoperator], env=ros_env, capture_output=True, text=True,
@@ -260,7 +262,7 @@ time.sleep(1.0)  # reliable delivery of the last messages
     assert recorder.returncode == 0, log
 
     record = import_bags([tmp_path / "demo"], tmp_path / "demo-v0.npz",
-                         ImportSettings(action_topic="/teleop/joy", image_size=16))
+                         ImportSettings(action_topic="/teleop/joy", image_size=16, episode_gap_s=2.5))
     assert record["episodes"] == [1, 1] and record["rows"] == [10, 10], record
     with np.load(tmp_path / "demo-v0.npz") as raw, np.load(tmp_path / "demo-v0-val.npz") as val:
         actions = np.concatenate([raw["actions"], val["actions"]])

@@ -46,7 +46,9 @@ def test_demo_drives_the_sim_through_the_policy_node(ros_env, tmp_path):
 @pytest.mark.requires_rclpy
 def test_demo_mistakes_are_one_line_errors(ros_env, tmp_path):
     for flags, message in ((["--env", "visual-cube-singel-v0"], "unknown env 'visual-cube-singel-v0'"),
-                           (["--policy", str(tmp_path / "none.safetensors")], "no policy checkpoint at")):
+                           (["--policy", str(tmp_path / "none.safetensors")], "no policy checkpoint at"),
+                           (["--out-dir", "/proc/cfgrl-demo"], "--out-dir /proc/cfgrl-demo"),
+                           (["--max-steps", "0"], "max_steps must be >= 1")):
         result = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "demo.py"), *flags],
                                 cwd=REPO_ROOT, env=ros_env, capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, \

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from cfgrl_ros.nodes.goal_publisher import main
+pytestmark = pytest.mark.requires_rclpy  # the command is an rclpy node, even where it only parses arguments
 
 GOAL_MODULE = "cfgrl_ros.nodes.goal_publisher"
 
@@ -65,7 +65,6 @@ def finish(process: subprocess.Popen) -> str:
     return output
 
 
-@pytest.mark.requires_rclpy
 def test_a_goal_image_file_reaches_the_node_latched(ros_env, tmp_path):
     from sensor_msgs.msg import Image
 
@@ -81,7 +80,6 @@ def test_a_goal_image_file_reaches_the_node_latched(ros_env, tmp_path):
     assert "published the goal image 40x48" in output and "delivered" in output
 
 
-@pytest.mark.requires_rclpy
 def test_a_snapshot_makes_the_next_camera_frame_the_goal(ros_env, tmp_path):
     from sensor_msgs.msg import Image
 
@@ -97,7 +95,6 @@ def test_a_snapshot_makes_the_next_camera_frame_the_goal(ros_env, tmp_path):
     assert "camera frame refused as a goal: unsupported encoding 'yuv422'" in output
 
 
-@pytest.mark.requires_rclpy
 def test_a_goal_vector_reaches_the_node_latched(ros_env):
     from std_msgs.msg import Float32MultiArray
 
@@ -108,6 +105,8 @@ def test_a_goal_vector_reaches_the_node_latched(ros_env):
 
 
 def test_bad_goals_are_refused_before_anything_is_published(tmp_path, capsys):
+    from cfgrl_ros.nodes.goal_publisher import main
+
     (tmp_path / "not-an-image.png").write_text("hello")
     for argv, message in ((["--vector", "1,nan"], "must hold finite numbers"),
                           (["--vector", "1,x"], "comma-separated numbers"),

@@ -336,6 +336,7 @@ def test_lockstep_replay_gives_up_on_a_policy_that_never_acts(ros_env, tmp_path)
     assert f"no action for {MAX_UNANSWERED_IN_A_ROW} frames in a row (up to frame 2)" in completed.stderr
 
 
+@pytest.mark.requires_rclpy
 def test_replay_and_recorder_command_lines_refuse_bad_values_before_starting(tmp_path, capsys):
     from cfgrl_ros.nodes import recorder, replay_node
 
