@@ -13,6 +13,8 @@ A replay is a list of `ReplayFrame`s: the camera image, when to show it, the act
 
 from __future__ import annotations
 
+import bisect
+import collections
 import dataclasses
 import json
 import math
@@ -25,6 +27,7 @@ from cfgrl_ros import bags
 from cfgrl_ros.image import ImageError, image_to_rgb
 
 DATASET_HZ = 20.0  # OGBench manipulation control period 0.05 s
+ACTION_WINDOW_S = 5.0  # how long after the last frame kept a bag is still read for that frame's action
 
 
 class ReplayError(ValueError):
@@ -91,7 +94,12 @@ def _episode_goal_vector(dataset, end: int) -> np.ndarray | None:
 def bag_frames(path: str | os.PathLike, *, camera_topic: str = "camera/image", goal_image_topic: str = "goal/image",
                goal_vector_topic: str = "goal/vector", action_topic: str = "action",
                max_frames: int | None = None) -> list[ReplayFrame]:
-    """Frames of a rosbag2 bag, with goals and the recorded actions matched to them."""
+    """Frames of a rosbag2 bag, with goals and the recorded actions matched to them.
+
+    An action belongs to the frame whose stamp is its image_stamp; where that stamp names no single
+    frame (a camera that stamps 0, or repeats a stamp), to the newest frame received before it.
+    Reading stops ACTION_WINDOW_S after the last frame kept, so max_frames bounds the memory too.
+    """
     _check_max_frames(max_frames)
     camera_topic, goal_image_topic, goal_vector_topic, action_topic = tuple(
         bags.same_topic(t) for t in (camera_topic, goal_image_topic, goal_vector_topic, action_topic))
@@ -99,9 +107,14 @@ def bag_frames(path: str | os.PathLike, *, camera_topic: str = "camera/image", g
                       goal_vector_topic: bags.VECTOR_TYPE, action_topic: bags.POLICY_ACTION_TYPE}
     images, times, stamps, goals_before = [], [], [], []
     pending_goal: dict[str, np.ndarray] = {}
-    actions_by_stamp: dict[int, np.ndarray] = {}
+    actions: list[tuple[int, int, np.ndarray]] = []  # (received ns, image_stamp ns, action)
     for item in bags.read_bag(path, expected_types):
         topic = bags.same_topic(item.topic)
+        if max_frames is not None and len(images) == max_frames:
+            if item.timestamp_ns > times[-1] + ACTION_WINDOW_S * 1e9:
+                break
+            if topic == camera_topic:
+                continue  # past max_frames: never decoded
         if topic == camera_topic:
             image = _decoded(item, path, len(images))
             stamp = bags.stamp_ns(item.message.header.stamp)
@@ -119,8 +132,8 @@ def bag_frames(path: str | os.PathLike, *, camera_topic: str = "camera/image", g
         elif topic == goal_vector_topic:
             pending_goal = {**pending_goal, "goal_vector": np.asarray(item.message.data, dtype=np.float32).copy()}
         elif item.message.inference_time_ms > 0:  # computed, not a stale-input stop (the replay drops those too)
-            actions_by_stamp.setdefault(bags.stamp_ns(item.message.image_stamp),
-                                        np.asarray(item.message.action, dtype=np.float32).copy())
+            actions.append((item.timestamp_ns, bags.stamp_ns(item.message.image_stamp),
+                            np.asarray(item.message.action, dtype=np.float32).copy()))
     if not images:
         raise ReplayError(f"{path} has no messages on {camera_topic} (topics: {sorted(bags.bag_topics(path))})")
     first_goal = next((i for i, goal in enumerate(goals_before) if goal), None)
@@ -129,9 +142,27 @@ def bag_frames(path: str | os.PathLike, *, camera_topic: str = "camera/image", g
                           f"{len(images)} frames")
     if first_goal:  # goals are latched: one recorded just after the first frames held for them too
         goals_before[0], goals_before[first_goal] = goals_before[first_goal], {}
-    frames = [ReplayFrame(time_s=(t - times[0]) * 1e-9, image=image, recorded_action=actions_by_stamp.get(stamp),
-                          **goal) for image, t, stamp, goal in zip(images, times, stamps, goals_before)]
-    return frames[:max_frames]
+    recorded = _recorded_actions(actions, times, stamps)
+    return [ReplayFrame(time_s=(t - times[0]) * 1e-9, image=image, recorded_action=action, **goal)
+            for image, t, action, goal in zip(images, times, recorded, goals_before)]
+
+
+def _recorded_actions(actions: list[tuple[int, int, np.ndarray]], times: list[int],
+                      stamps: list[int]) -> list[np.ndarray | None]:
+    """The first computed action of each frame (see bag_frames for which frame an action belongs to)."""
+    counts = collections.Counter(stamps)
+    frame_of_stamp = {stamp: i for i, stamp in enumerate(stamps) if stamp and counts[stamp] == 1}
+    recorded: list[np.ndarray | None] = [None] * len(times)
+    for received_ns, image_stamp_ns, action in actions:
+        if image_stamp_ns in frame_of_stamp:
+            index = frame_of_stamp[image_stamp_ns]
+        elif image_stamp_ns == 0 or counts[image_stamp_ns] > 1:  # a stamp that names no single frame
+            index = bisect.bisect_right(times, received_ns) - 1
+        else:
+            continue  # the action of a frame not kept (past max_frames), or of no frame here
+        if index >= 0 and recorded[index] is None:
+            recorded[index] = action
+    return recorded
 
 
 def _decoded(item: "bags.BagMessage", path, frame: int) -> np.ndarray:

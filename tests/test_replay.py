@@ -134,6 +134,21 @@ def test_frames_with_one_stamp_are_kept_unless_they_are_the_same_frame(tmp_path)
     assert [np.array_equal(f.image, image) for f, image in zip(frames, images)] == [True] * 3 and len(frames) == 3
 
 
+def test_actions_of_an_unstamped_camera_go_to_the_frame_before_them(tmp_path):
+    """Every frame stamped 0, so every action's image_stamp is 0 too: each belongs to the newest frame
+    received before it, not all to the first frame."""
+    images, goal = frames_and_goal(3)
+    with bags.BagWriter(tmp_path / "bag") as writer:
+        writer.write("/goal/vector", bags.VECTOR_TYPE, 1, bags.vector_message(goal))
+        for i, image in enumerate(images):
+            writer.write("/camera/image", bags.IMAGE_TYPE, 10 + 10 * i, bags.image_message(image, 0))
+            writer.write("/action", bags.POLICY_ACTION_TYPE, 15 + 10 * i, policy_action(0, [i / 4, -i / 4], 3.0))
+    frames = bag_frames(tmp_path / "bag")
+    assert [f.recorded_action.tolist() for f in frames] == [[0.0, 0.0], [0.25, -0.25], [0.5, -0.5]]
+    (first,) = bag_frames(tmp_path / "bag", max_frames=1)
+    assert first.recorded_action.tolist() == [0.0, 0.0]
+
+
 def test_dataset_frames_take_each_episode_goal_from_its_last_state(tmp_path):
     demo = pointreach.DemoConfig(episodes=3, episode_length=5)
     path = pointreach.write_dataset(tmp_path / "pr.npz", demo)
