@@ -71,7 +71,8 @@ class NodeProcess:
             self.process.send_signal(signal.SIGINT)
 
     def stop(self, timeout_s: float = 15.0) -> int | None:
-        """SIGINT, wait, then SIGKILL its process group; returns the exit code."""
+        """SIGINT, wait, then SIGKILL its process group; returns the exit code (None: it outlived SIGKILL,
+        e.g. stuck in the kernel; the caller carries on rather than raise from its clean-up)."""
         self.interrupt()
         try:
             self.process.wait(timeout_s)
@@ -82,7 +83,10 @@ class NodeProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            self.process.wait(timeout_s)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                return None
         return self.process.returncode
 
 
