@@ -8,6 +8,7 @@ The lock dies with its process. ROS-free: only environment variables and files.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
 import os
@@ -30,12 +31,14 @@ def claim_domain_id(ids: range = TOOL_DOMAIN_IDS) -> tuple[int, int]:
     Closing the descriptor (or exiting) releases the id. Raises RuntimeError when every id is taken.
     """
     LOCK_DIR.mkdir(exist_ok=True)
+    with contextlib.suppress(PermissionError):  # shared by every user's runs: world-writable and sticky, like /tmp
+        LOCK_DIR.chmod(0o1777)  # (only its owner may; for everyone else it already is)
     # Start at pid + counter: processes start apart, and consecutive claims in one process never
     # reuse the id just released (a slow subprocess may still be in that domain).
     start = os.getpid() + next(_claims)
     for offset in range(len(ids)):
         domain_id = ids[(start + offset) % len(ids)]
-        fd = os.open(LOCK_DIR / f"{domain_id}.lock", os.O_CREAT | os.O_RDWR, 0o666)
+        fd = os.open(LOCK_DIR / f"{domain_id}.lock", os.O_CREAT | os.O_RDONLY, 0o644)  # flock needs no write
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
