@@ -143,10 +143,10 @@ install_requirements() {
 }
 
 build_messages() {
-  local hash
+  local hash files
+  mapfile -t files < <(source_files msg)
   # The venv path and the installed ROS wheels are inputs too: a new venv needs its own build.
-  hash="$(hash_inputs "$VENV_DIR $(<"$STAMP_DIR/requirements")" CMakeLists.txt package.xml \
-    $(source_files msg))"
+  hash="$(hash_inputs "$VENV_DIR $(<"$STAMP_DIR/requirements")" CMakeLists.txt package.xml "${files[@]}")"
   if up_to_date messages "$hash" "$(site_packages)/cfgrl_ros/msg/_policy_action.py"; then
     log "msg: cfgrl_ros messages up to date"
     return
@@ -168,10 +168,10 @@ build_messages() {
 }
 
 install_project() {
-  local hash
+  local hash files
+  mapfile -t files < <(source_files cfgrl_ros training launch config)
   # After a message build the generated (empty) cfgrl_ros/__init__.py has replaced ours: reinstall.
-  hash="$(hash_inputs "$(<"$STAMP_DIR/messages")" setup.py package.xml resource/cfgrl_ros \
-    $(source_files cfgrl_ros training launch config))"
+  hash="$(hash_inputs "$(<"$STAMP_DIR/messages")" setup.py package.xml resource/cfgrl_ros "${files[@]}")"
   if up_to_date project "$hash" "$VENV_DIR/bin/cfgrl_node"; then
     log "pip: cfgrl_ros package up to date"
     return
