@@ -1,7 +1,8 @@
 """rosbag2 recordings (mcap storage) without a ROS install, through the `rosbags` library.
 
-A bag is a rosbag2 directory (metadata.yaml + one .mcap file), as `ros2 bag record -s mcap` writes:
-any ROS 2 install plays it, and `read_bag` reads bags from ROS 2 too. Messages go in as CDR bytes
+A bag is a rosbag2 directory (metadata.yaml + one .mcap file, format version 9, with each topic's
+offered QoS), as `ros2 bag record -s mcap` writes on Jazzy and later, and `read_bag` reads bags from
+ROS 2 too; playing them with `ros2 bag play` is untested here (no ROS install). Messages go in as CDR bytes
 (what an rclpy raw subscription delivers, byte-identical to rclpy's own serialization) and come out
 as rosbags message objects with the ROS field names. cfgrl_ros/msg/PolicyAction is registered from
 its .msg file so that bags holding actions read back without the generated message package.
