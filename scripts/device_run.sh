@@ -114,7 +114,9 @@ check_tests() {
 }
 
 check_generation() {
-  # Issue 3's figure: 1001-step cube-single play episodes, 16 processes, 3 shards each.
+  # Issue 3's figure: 1001-step cube-single play episodes, 16 processes: replay 3 shards each, OGBench's
+  # own rendering 1 each (3 would outlast its step). A rate counts from the start, so the 16 processes'
+  # start-up is spread over 3 episodes per worker for replay and over 1 for env: env's rate reads low.
   local run mode shadow episodes dir
   for run in "replay 4096 48" "replay 1024 48" "env 4096 16"; do
     read -r mode shadow episodes <<<"$run"
@@ -187,7 +189,7 @@ headline() {
     [[ -f $run/eval/partial-results.json ]] &&
       { printf -- '- partial evaluation: '; tr -d '\n ' <"$run/eval/partial-results.json"; echo; } >>"$FIGURES"
   fi
-  ((REHEARSAL)) || check_engines 90 200 torch,cuda_graph  # with the time left: the node's latency
+  ((REHEARSAL)) || check_engines 90 200 torch,cuda_graph  # with the time left: engine latency on the GPU
 }
 
 main() {

@@ -31,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cfgrl_ros.ros_domain import isolate_process
+from training.machine import cpu_model, load_average
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = REPO_ROOT / "config" / "cfgrl.yaml"
@@ -211,9 +212,8 @@ def soak_run(args, checkpoint: Path, log_dir: Path) -> dict:
 
 
 def machine() -> str:
-    load = os.getloadavg()
-    return (f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} "
-            f"{platform.python_version()}, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}")
+    return (f"{cpu_model()}, {os.cpu_count()} CPUs, {platform.python_implementation()} "
+            f"{platform.python_version()}, load average {load_average()}")
 
 
 def markdown(results: dict) -> str:

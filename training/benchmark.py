@@ -17,7 +17,6 @@ import concurrent.futures
 import math
 import multiprocessing
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from tqdm import tqdm
 from cfgrl_ros.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cfgrl_ros.engines import BACKENDS, EngineUnavailable, example_inputs, load_engine
 from cfgrl_ros.policy import CFGRLPolicy, PolicyConfig
+from training.machine import cpu_model, load_average
 
 THROUGHPUT_FLOW_STEPS = 16
 
@@ -43,10 +43,12 @@ def random_checkpoint(directory: Path, goal_mode: str) -> Path:
 
 
 def latency_ms(engine, flow_steps: int, iterations: int) -> tuple[float, float]:
-    """p50 and p99 of one batch-1 inference, milliseconds."""
+    """p50 and p99 of one batch-1 inference, milliseconds, inputs already on the device (compute only:
+    the node also pays the upload and the copy back)."""
     inputs = example_inputs(engine.config, 1, engine.device)
     for _ in range(max(3, iterations // 20)):
         engine.infer(*inputs, flow_steps)
+    _synchronize(engine.device)  # no warm-up work left queued in the first timed call
     times = []
     for _ in range(iterations):
         start = time.perf_counter()
@@ -100,13 +102,8 @@ def engine_for_steps(engine, checkpoint: str, flow_steps: int, threads: int):
 
 
 def machine_description(device: str, threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    parts = [f"CPU {cpu} ({os.cpu_count()} cores)", f"torch {torch.__version__}", f"{threads} intra-op thread(s)"]
+    parts = [f"CPU {cpu_model()} ({os.cpu_count()} cores, load average {load_average()})",
+             f"torch {torch.__version__}", f"{threads} intra-op thread(s)"]
     try:
         import onnxruntime
 

@@ -288,6 +288,7 @@ class ShardCollector:
             self.renderer = BatchRenderer(unwrapped.model, cfg.shadow_size, cfg.render_tiles)
         else:
             set_env_shadow_size(self.env, cfg.shadow_size)
+            unwrapped.get_pixel_observation()  # the renderer at that size made now, not in the first shard
 
     def collect(self, shard: Shard, report: Callable[[int], None]) -> tuple[dict[str, np.ndarray], int]:
         """Arrays for the shard's episodes, and the number of rejected (unhealthy) scene episodes."""

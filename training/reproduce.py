@@ -52,6 +52,7 @@ from training.data import DatasetError, dataset_fingerprint  # noqa: E402
 from training.dataset_files import read_npz_header  # noqa: E402
 from training.evaluate import EvaluationError, evaluate, markdown_table, write_report  # noqa: E402
 from training.generate_dataset import ENVS, GENERATION_ERRORS, GenerationConfig, GenerationError, generate  # noqa: E402
+from training.machine import cpu_model  # noqa: E402
 from training.train import TrainConfig, TrainError, train  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -239,15 +240,8 @@ def input_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: st
 
 
 def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
             "python": platform.python_version(), "code": tree_version()}
 
 
