@@ -322,13 +322,17 @@ def sim_launch_parameters(arguments: dict[str, str], sim_file: dict) -> tuple[di
     return overrides, paired_policy_parameters(effective["clock"], effective["control_rate_hz"])
 
 
-def params_file_section(path: str | os.PathLike, node_name: str) -> dict:
-    """The ros__parameters a params file gives `node_name` (keys `name`, `/name`, `/**/name` or `/**`)."""
+def params_file_section(path: str | os.PathLike, node_name: str, namespace: str = "") -> dict:
+    """The ros__parameters a params file gives `node_name` in `namespace` (keys `/**`, `/**/name`, `name`,
+    `/name`, or `/ns/name` for the node's own namespace), the more specific key winning."""
     import yaml
 
     with open(path) as file:
         data = yaml.safe_load(file) or {}
+    keys = ["/**", f"/**/{node_name}", node_name, f"/{node_name}"]
+    if namespace.strip("/"):
+        keys.append(f"/{namespace.strip('/')}/{node_name}")
     values: dict = {}
-    for key in ("/**", f"/**/{node_name}", f"/{node_name}", node_name):
+    for key in keys:
         values.update((data.get(key) or {}).get("ros__parameters") or {})
     return values

@@ -40,7 +40,10 @@ ARGUMENTS = {
 def policy_node(context, *_, **__) -> list:
     value = {name: LaunchConfiguration(name).perform(context) for name in ARGUMENTS}
     # Only what was given overrides the params file (later entries in `parameters` win).
-    overrides = {"use_sim_time": value["use_sim_time"].strip().lower() in ("true", "1", "yes")}
+    use_sim_time = value["use_sim_time"].strip().lower()
+    if use_sim_time not in ("true", "false", "1", "0", "yes", "no"):  # a typo must not mean false
+        raise ValueError(f"launch argument use_sim_time:={value['use_sim_time']!r} is not true or false")
+    overrides = {"use_sim_time": use_sim_time in ("true", "1", "yes")}
     if value["policy"]:
         overrides["policy"] = value["policy"]
     if value["w"]:

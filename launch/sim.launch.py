@@ -51,7 +51,7 @@ ARGUMENTS = {
 
 def sim_and_policy_nodes(context, *_, **__) -> list:
     value = {name: LaunchConfiguration(name).perform(context) for name in ARGUMENTS}
-    sim_file = params_file_section(value["sim_params_file"], "cfgrl_sim")
+    sim_file = params_file_section(value["sim_params_file"], "cfgrl_sim", value["namespace"])
     sim_overrides, policy_overrides = sim_launch_parameters(value, sim_file)
     if value["policy"]:
         policy_overrides["policy"] = value["policy"]
