@@ -20,6 +20,19 @@ ENCODINGS: dict[str, tuple[int, tuple[int, ...]]] = {
     "bgra8": (4, (2, 1, 0)),
     "mono8": (1, (0, 0, 0)),
 }
+# encoding -> (bytes per pixel, OpenCV conversion to RGB), for what USB and machine-vision cameras send:
+# packed 4:2:2 YUV (BT.601 video range; sensor_msgs' yuv422 is UYVY, yuv422_yuy2 is YUYV) and Bayer
+# mosaics (sensor_msgs names the pattern from the top-left pixel, OpenCV from the second row and column,
+# as cv_bridge maps them; checked by re-mosaicking in tests/test_image.py).
+CONVERTED: dict[str, tuple[int, int]] = {
+    "yuv422": (2, cv2.COLOR_YUV2RGB_UYVY),
+    "yuv422_yuy2": (2, cv2.COLOR_YUV2RGB_YUYV),
+    "bayer_rggb8": (1, cv2.COLOR_BayerBG2RGB),
+    "bayer_bggr8": (1, cv2.COLOR_BayerRG2RGB),
+    "bayer_gbrg8": (1, cv2.COLOR_BayerGR2RGB),
+    "bayer_grbg8": (1, cv2.COLOR_BayerGB2RGB),
+}
+ACCEPTED = (*ENCODINGS, *CONVERTED)
 
 
 class ImageError(ValueError):
@@ -41,22 +54,30 @@ def image_to_rgb(image: ImageLike) -> np.ndarray:
     Rows may carry padding (step > width * channels). All accepted encodings have one byte per
     channel, so is_bigendian does not change the bytes; it must still be a valid flag (0 or 1).
     """
-    if image.encoding not in ENCODINGS:
-        raise ImageError(f"unsupported encoding {image.encoding!r}; accepted: {', '.join(ENCODINGS)}")
-    channels, order = ENCODINGS[image.encoding]
+    encoding = image.encoding
+    if encoding not in ACCEPTED:
+        raise ImageError(f"unsupported encoding {encoding!r}; accepted: {', '.join(ACCEPTED)}")
+    channels = ENCODINGS[encoding][0] if encoding in ENCODINGS else CONVERTED[encoding][0]
     height, width, step = int(image.height), int(image.width), int(image.step)
     if height <= 0 or width <= 0:
         raise ImageError(f"zero-size image ({width}x{height})")
+    if encoding.startswith("yuv422") and width % 2:
+        raise ImageError(f"{encoding} packs pixels in pairs: the width must be even, got {width}")
+    if encoding.startswith("bayer") and (width < 2 or height < 2):
+        raise ImageError(f"{encoding} needs at least a 2x2 mosaic, got {width}x{height}")
     if image.is_bigendian not in (0, 1):
         raise ImageError(f"is_bigendian must be 0 or 1, got {image.is_bigendian!r}")
     row_bytes = width * channels
     if step < row_bytes:
-        raise ImageError(f"step {step} is smaller than width*channels = {width}*{channels} = {row_bytes} for {image.encoding}")
+        raise ImageError(f"step {step} is smaller than width*channels = {width}*{channels} = {row_bytes} for {encoding}")
     buffer = np.frombuffer(image.data, dtype=np.uint8)
     if buffer.size != height * step:
         raise ImageError(f"data holds {buffer.size} bytes, expected height*step = {height}*{step} = {height * step} "
                          f"({'truncated' if buffer.size < height * step else 'too long'})")
     pixels = buffer.reshape(height, step)[:, :row_bytes].reshape(height, width, channels)
+    if encoding in CONVERTED:
+        return cv2.cvtColor(np.ascontiguousarray(pixels if channels > 1 else pixels[:, :, 0]), CONVERTED[encoding][1])
+    order = ENCODINGS[encoding][1]
     if order == (0, 1, 2) and channels == 3:
         return pixels
     return pixels[:, :, list(order)]

@@ -45,7 +45,7 @@ def receive(topic: str, message_type, publish_camera: np.ndarray | None = None, 
         while not received and time.monotonic() < deadline:
             if camera is not None:
                 good = bridge.rgb_image(publish_camera, node.get_clock().now().to_msg(), "camera")
-                camera.publish(Image(height=good.height, width=good.width, encoding="yuv422", step=good.step,
+                camera.publish(Image(height=good.height, width=good.width, encoding="nv21", step=good.step,
                                      data=good.data))
                 camera.publish(good)
             rclpy.spin_once(node, timeout_sec=0.1)
@@ -92,7 +92,7 @@ def test_a_snapshot_makes_the_next_camera_frame_the_goal(ros_env, tmp_path):
     assert message is not None, output
     np.testing.assert_array_equal(image_to_rgb(message), frame)
     np.testing.assert_array_equal(cv2.imread(str(tmp_path / "snap.png"))[:, :, ::-1], frame)
-    assert "camera frame refused as a goal: unsupported encoding 'yuv422'" in output
+    assert "camera frame refused as a goal: unsupported encoding 'nv21'" in output
 
 
 def test_a_goal_vector_reaches_the_node_latched(ros_env):

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from cfgrl_ros.image import ENCODINGS, ImageError, fit_to_policy, image_to_rgb
+from cfgrl_ros.image import CONVERTED, ENCODINGS, ImageError, fit_to_policy, image_to_rgb
 
 
 @dataclasses.dataclass
@@ -56,6 +56,46 @@ def test_mono8_is_replicated_to_three_channels(rgb):
     np.testing.assert_array_equal(decoded, np.repeat(gray[:, :, None], 3, axis=2))
 
 
+def ycbcr_bt601(rgb: np.ndarray) -> np.ndarray:
+    """RGB -> (Y, Cb, Cr) in BT.601's video range (Y 16-235), written out from the standard's formula."""
+    r, g, b = (rgb[..., i].astype(float) / 255 for i in range(3))
+    return np.stack([16 + 65.481 * r + 128.553 * g + 24.966 * b,
+                     128 - 37.797 * r - 74.203 * g + 112.0 * b,
+                     128 + 112.0 * r - 93.786 * g - 18.214 * b], -1).round().clip(0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("encoding, order", [("yuv422", "UYVY"), ("yuv422_yuy2", "YUYV")])
+def test_packed_yuv_422_decodes_in_its_byte_order(encoding, order):
+    """Colours held for a pixel pair (4:2:2 shares chroma over two pixels), packed by hand in the
+    byte order sensor_msgs documents: decoded back to within one level."""
+    colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [200, 120, 40], [30, 30, 30], [255, 255, 255]],
+                       np.uint8)
+    rgb = np.repeat(np.repeat(colours[None], 2, axis=1), 3, axis=0)  # 3 rows x 12 pixels
+    ycc = ycbcr_bt601(rgb)
+    packed = np.empty((3, 12, 2), np.uint8)
+    luma, chroma = (0, 1) if order == "YUYV" else (1, 0)
+    packed[..., luma] = ycc[..., 0]
+    packed[:, 0::2, chroma], packed[:, 1::2, chroma] = ycc[:, 0::2, 1], ycc[:, 0::2, 2]  # U on even, V on odd
+    decoded = image_to_rgb(make(packed, encoding, padding=4))
+    assert decoded.shape == (3, 12, 3) and np.abs(decoded.astype(int) - rgb).max() <= 1
+    with pytest.raises(ImageError, match="width must be even"):
+        image_to_rgb(make(packed[:, :11], encoding))
+
+
+@pytest.mark.parametrize("encoding", [e for e in CONVERTED if e.startswith("bayer")])
+def test_bayer_mosaics_demosaic_to_the_scene(encoding):
+    """A smooth scene sampled through the named colour filter (top-left pixel first) demosaics back to
+    it; a pattern mixed up with another one would be off by tens of levels."""
+    yy, xx = np.mgrid[0:32, 0:32]
+    scene = cv2.GaussianBlur(np.stack([xx * 8, yy * 8, (xx + yy) * 4], -1).astype(np.uint8), (5, 5), 2)
+    pattern = encoding.removeprefix("bayer_").removesuffix("8")
+    mosaic = np.empty((32, 32), np.uint8)
+    for (dy, dx), colour in zip(((0, 0), (0, 1), (1, 0), (1, 1)), pattern):
+        mosaic[dy::2, dx::2] = scene[dy::2, dx::2, "rgb".index(colour)]
+    decoded = image_to_rgb(make(mosaic[:, :, None], encoding, padding=2))
+    assert np.abs(decoded.astype(int) - scene)[4:-4, 4:-4].mean() < 2  # borders are interpolated less well
+
+
 def test_reads_array_buffers_as_rclpy_delivers_them(rgb):
     import array
 
@@ -65,7 +105,7 @@ def test_reads_array_buffers_as_rclpy_delivers_them(rgb):
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda m: setattr(m, "encoding", "yuv422"), "unsupported encoding 'yuv422'"),
+    (lambda m: setattr(m, "encoding", "nv21"), "unsupported encoding 'nv21'"),
     (lambda m: setattr(m, "encoding", "16UC1"), "unsupported encoding"),
     (lambda m: setattr(m, "encoding", ""), "unsupported encoding ''"),
     (lambda m: setattr(m, "data", m.data[:-7]), "truncated"),
