@@ -36,6 +36,7 @@ SITE=/tmp/cfgrl-site
 RUN_START=$SECONDS
 DEADLINE_S="${DEVICE_DEADLINE_S:-550}"
 RUN_DIR="${DEVICE_RUN_DIR:-runs/device}"
+SCRATCH="$RUN_DIR/scratch"  # generation, benchmark and export leftovers: one run's, not a shared /tmp
 REHEARSAL="${DEVICE_REHEARSAL:-0}"
 
 log() { printf '[device %4ds] %s\n' "$((SECONDS - RUN_START))" "$*" | tee -a "$LOG" >&2; }
@@ -120,7 +121,7 @@ check_generation() {
   local run mode shadow episodes dir
   for run in "replay 4096 48" "replay 1024 48" "env 4096 16"; do
     read -r mode shadow episodes <<<"$run"
-    dir="/tmp/gen-$mode-$shadow"
+    dir="$SCRATCH/gen-$mode-$shadow"
     rm -rf "$dir"
     step "generate-$mode-shadow$shadow" 150 "$PYTHON" -m training.generate_dataset --env cube-single \
       --variant play --num-episodes "$episodes" --num-val-episodes 0 --shard-episodes 1 --workers 16 \
@@ -145,7 +146,7 @@ check_training() {
 check_engines() {
   local limit="${1:-180}" iterations="${2:-300}" engines="${3:-torch,cuda_graph,tensorrt}"
   step engines "$limit" "$PYTHON" -m training.benchmark --device cuda --engines "$engines" \
-    --iterations "$iterations" --min-seconds 0.5 --workdir /tmp/bench --out "$OUT/engines.md" &&
+    --iterations "$iterations" --min-seconds 0.5 --workdir "$SCRATCH/bench" --out "$OUT/engines.md" &&
     cat "$OUT/engines.md" >>"$FIGURES"
   rm -f "$OUT/engines.md"
 }
@@ -182,7 +183,7 @@ headline() {
   if [[ -f $report/report.md ]]; then
     cp "$report/report.md" "$report/success_vs_w.png" "$report/comparison.json" "$OUT/" 2>>"$LOG"
     step export-fp16 60 "$PYTHON" -m training.export "$run/train/checkpoint.safetensors" --formats fp16 \
-      --out /tmp/cfgrl-fp16 && cp /tmp/cfgrl-fp16/policy_fp16.safetensors "$OUT/policy-fp16.safetensors"
+      --out "$SCRATCH/fp16" && cp "$SCRATCH/fp16/policy_fp16.safetensors" "$OUT/policy-fp16.safetensors"
   else
     log "headline: no report; the stage records above say how far it got"
     # An evaluation cut short leaves the success of its complete episode rounds.
