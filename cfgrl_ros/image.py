@@ -69,7 +69,8 @@ def image_to_rgb(image: ImageLike) -> np.ndarray:
         raise ImageError(f"is_bigendian must be 0 or 1, got {image.is_bigendian!r}")
     row_bytes = width * channels
     if step < row_bytes:
-        raise ImageError(f"step {step} is smaller than width*channels = {width}*{channels} = {row_bytes} for {encoding}")
+        raise ImageError(f"step {step} is smaller than width*channels = {width}*{channels} = {row_bytes} "
+                         f"for {encoding}")
     buffer = np.frombuffer(image.data, dtype=np.uint8)
     if buffer.size != height * step:
         raise ImageError(f"data holds {buffer.size} bytes, expected height*step = {height}*{step} = {height * step} "

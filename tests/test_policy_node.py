@@ -564,7 +564,8 @@ def test_incompatible_qos_is_reported_while_it_lasts(probe):
     finally:
         probe.node.destroy_publisher(best_effort)
     # Once that publisher is gone the status recovers; the event count stays.
-    report_where(probe, lambda d: d["level"] == 0, "the status back to OK", meanwhile=lambda: probe.publish_camera(camera))
+    report_where(probe, lambda d: d["level"] == 0, "the status back to OK",
+                 meanwhile=lambda: probe.publish_camera(camera))
     # A robot-side subscriber the action publisher cannot serve (it is volatile) is named too.
     latched = probe.node.create_subscription(PolicyAction, "action", lambda message: None,
                                              QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
@@ -828,7 +829,8 @@ def test_a_transition_that_raises_leaves_no_inputs_behind(ros_domain, tmp_path, 
     threads = torch.get_num_threads()  # configure sets it for the whole process (see above)
     checkpoint = small_checkpoint(tmp_path / "oracle.safetensors", "oracle")
     overrides = {"policy": str(checkpoint), "backend": "torch", "autostart": False}
-    node = policy_node.PolicyNode(namespace="raising", parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
+    node = policy_node.PolicyNode(namespace="raising",
+                                  parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
     try:
         assert node.start() and node._subscriptions_active
         worker, real_stop = node.worker, node.worker.stop
@@ -841,7 +843,7 @@ def test_a_transition_that_raises_leaves_no_inputs_behind(ros_domain, tmp_path, 
         assert node.trigger_deactivate() == policy_node.TransitionCallbackReturn.ERROR
         assert node._state_machine.current_state[0] == State.PRIMARY_STATE_UNCONFIGURED
         assert node._subscriptions_active == [] and node._control_timer is None and node.engine is None
-        assert node.count_subscribers("/raising/goal/vector") == 0 and node.count_subscribers("/raising/camera/image") == 0
+        assert node.count_subscribers("/raising/goal/vector") == node.count_subscribers("/raising/camera/image") == 0
         assert node.start(), "the node did not come back after the error"
         node.trigger_deactivate()
         node.trigger_cleanup()

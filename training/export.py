@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                                     None if args.formats is None else
                                     tuple(f.strip() for f in args.formats.split(",") if f.strip()),
                                     args.max_batch, args.device)
-    except (CheckpointError, ExportError, EngineUnavailable, ValueError, OSError) as error:  # OSError: an unwritable --out
+    except (CheckpointError, ExportError, EngineUnavailable, ValueError, OSError) as error:  # OSError: e.g. --out
         print(f"cfgrl-export: error: {error}", file=sys.stderr)
         return 2
     for kind, path in written.items():

@@ -42,7 +42,8 @@ from rclpy.exceptions import ParameterException
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleState, Node as LifecycleNode, TransitionCallbackReturn
 from rclpy.parameter import Parameter
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSCompatibility, QoSProfile, ReliabilityPolicy, qos_check_compatible
+from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSCompatibility, QoSProfile, ReliabilityPolicy,
+                       qos_check_compatible)
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import Image
@@ -589,7 +590,8 @@ class PolicyNode(LifecycleNode):
             topics.append((self._action_pub.topic_name, True))
         found = set()
         for topic, node_publishes in topics:
-            publishers, subscribers = self.get_publishers_info_by_topic(topic), self.get_subscriptions_info_by_topic(topic)
+            publishers = self.get_publishers_info_by_topic(topic)
+            subscribers = self.get_subscriptions_info_by_topic(topic)
             own, others = (publishers, subscribers) if node_publishes else (subscribers, publishers)
             for ours in filter(mine, own):
                 for theirs in (info for info in others if not mine(info)):
