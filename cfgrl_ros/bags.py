@@ -29,6 +29,8 @@ from rosbags.typesys.store import Typestore
 
 POLICY_ACTION_TYPE = "cfgrl_ros/msg/PolicyAction"
 IMAGE_TYPE = "sensor_msgs/msg/Image"
+COMPRESSED_IMAGE_TYPE = "sensor_msgs/msg/CompressedImage"
+CAMERA_TYPES = (IMAGE_TYPE, COMPRESSED_IMAGE_TYPE)  # what a camera topic may hold (cfgrl_ros.image decodes both)
 VECTOR_TYPE = "std_msgs/msg/Float32MultiArray"
 STRING_TYPE = "std_msgs/msg/String"
 JOY_TYPE = "sensor_msgs/msg/Joy"
@@ -158,8 +160,8 @@ def bag_topics(path: str | os.PathLike) -> dict[str, tuple[str, int]]:
     try:
         with Reader(Path(path)) as reader:
             return {topic: (info.msgtype, info.msgcount) for topic, info in reader.topics.items()}
-    except ReaderError as error:
-        raise BagError(f"{path}: cannot read the bag ({error})") from error
+    except Exception as error:  # noqa: BLE001 - as in read_bag: a damaged file fails anywhere in the parser
+        raise BagError(f"{path}: cannot read the bag ({type(error).__name__}: {error})") from error
 
 
 # --- recovery of a bag whose recorder was killed ----------------------------------------------------

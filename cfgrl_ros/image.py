@@ -1,7 +1,7 @@
-"""sensor_msgs/Image bytes -> the policy's RGB uint8 input, without cv_bridge or rclpy.
+"""sensor_msgs/Image and CompressedImage bytes -> the policy's RGB uint8 input, without cv_bridge or rclpy.
 
-Works on any object with the Image fields (encoding, height, width, step, is_bigendian, data), so
-tests and bag readers can use it too. Every malformed image raises ImageError saying what is wrong;
+Works on any object with the message's fields (Image: encoding, height, width, step, is_bigendian,
+data; CompressedImage: format, data), so tests and bag readers can use it too. Every malformed image raises ImageError saying what is wrong;
 nothing is guessed, because a misread frame would silently become a wrong action.
 """
 
@@ -37,6 +37,11 @@ ACCEPTED = (*ENCODINGS, *CONVERTED)
 
 class ImageError(ValueError):
     """An image the policy cannot use: unsupported encoding or inconsistent size fields."""
+
+
+class CompressedImageLike(Protocol):
+    format: str
+    data: bytes
 
 
 class ImageLike(Protocol):
@@ -82,6 +87,25 @@ def image_to_rgb(image: ImageLike) -> np.ndarray:
     if order == (0, 1, 2) and channels == 3:
         return pixels
     return pixels[:, :, list(order)]
+
+
+def compressed_to_rgb(image: CompressedImageLike) -> np.ndarray:
+    """Decode a CompressedImage (JPEG or PNG, as image_transport's compressed plugin sends; any format
+    OpenCV reads) into an (height, width, 3) RGB uint8 array."""
+    if "compresseddepth" in image.format.lower():
+        raise ImageError(f"format {image.format!r} is a compressed depth map, not a camera image")
+    buffer = np.frombuffer(image.data, dtype=np.uint8)
+    if buffer.size == 0:
+        raise ImageError("empty compressed image")
+    bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)  # 8-bit 3-channel whatever was compressed
+    if bgr is None:
+        raise ImageError(f"{buffer.size} bytes that do not decode as an image (format {image.format!r})")
+    return np.ascontiguousarray(bgr[:, :, ::-1])
+
+
+def message_to_rgb(image: ImageLike | CompressedImageLike) -> np.ndarray:
+    """image_to_rgb for an Image, compressed_to_rgb for a CompressedImage (the one with a `format`)."""
+    return compressed_to_rgb(image) if hasattr(image, "format") else image_to_rgb(image)
 
 
 def fit_to_policy(rgb: np.ndarray, size: int) -> np.ndarray:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Literal, Mapping
 
 BACKENDS = ("auto", "torch", "cuda_graph", "compiled", "onnxruntime", "tensorrt")
 TRIGGERS = ("timer", "image")
+CAMERA_TRANSPORTS = ("raw", "compressed")
 STALE_ACTIONS = ("zero", "hold", "none")
 MAX_FLOW_STEPS = 256
 
@@ -130,6 +131,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("flow_steps", 16, f"Euler steps per action, 1..{MAX_FLOW_STEPS}.", int_in(1, MAX_FLOW_STEPS), "live"),
     ParamSpec("trigger", "timer", "timer: act at control_rate_hz; image: act as soon as a new camera image arrives, "
               "at most control_rate_hz.", one_of(TRIGGERS), "activate"),
+    ParamSpec("camera_transport", "raw", "raw: sensor_msgs/Image on camera/image; compressed: "
+              "sensor_msgs/CompressedImage (JPEG/PNG, image_transport's compressed plugin) on camera/image/compressed, "
+              "for a camera on another machine.", one_of(CAMERA_TRANSPORTS), "activate"),
     ParamSpec("control_rate_hz", 20.0, "Action rate (timer trigger) or its cap (image trigger); the training "
               "data's control rate (OGBench: 20 Hz), since each action is one step of it.",
               finite_in(0.1, 1000.0), "activate"),

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from cfgrl_ros import bags
-from cfgrl_ros.image import ImageError, image_to_rgb
+from cfgrl_ros.image import ImageError, message_to_rgb
 
 DATASET_HZ = 20.0  # OGBench manipulation control period 0.05 s
 ACTION_WINDOW_S = 5.0  # how long after the last frame kept a bag is still read for that frame's action
@@ -103,7 +103,12 @@ def bag_frames(path: str | os.PathLike, *, camera_topic: str = "camera/image", g
     _check_max_frames(max_frames)
     camera_topic, goal_image_topic, goal_vector_topic, action_topic = tuple(
         bags.same_topic(t) for t in (camera_topic, goal_image_topic, goal_vector_topic, action_topic))
-    expected_types = {camera_topic: bags.IMAGE_TYPE, goal_image_topic: bags.IMAGE_TYPE,
+    recorded_types = {bags.same_topic(topic): msgtype for topic, (msgtype, _) in bags.bag_topics(path).items()}
+    camera_type = recorded_types.get(camera_topic, bags.IMAGE_TYPE)  # raw, or a robot's compressed stream
+    if camera_type not in bags.CAMERA_TYPES:
+        raise ReplayError(f"{path}: {camera_topic} holds {camera_type}; the camera must be one of "
+                          f"{', '.join(bags.CAMERA_TYPES)}")
+    expected_types = {camera_topic: camera_type, goal_image_topic: bags.IMAGE_TYPE,
                       goal_vector_topic: bags.VECTOR_TYPE, action_topic: bags.POLICY_ACTION_TYPE}
     images, times, stamps, goals_before = [], [], [], []
     pending_goal: dict[str, np.ndarray] = {}
@@ -167,7 +172,7 @@ def _recorded_actions(actions: list[tuple[int, int, np.ndarray]], times: list[in
 
 def _decoded(item: "bags.BagMessage", path, frame: int) -> np.ndarray:
     try:
-        return image_to_rgb(item.message).copy()
+        return message_to_rgb(item.message).copy()
     except ImageError as error:
         raise ReplayError(f"{path}: {item.topic} message at frame {frame}: {error}") from error
 

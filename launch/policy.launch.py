@@ -7,7 +7,8 @@ Arguments:
   params_file        parameters (default: the installed config/cfgrl.yaml, which matches any namespace)
   policy             checkpoint path; empty keeps the params file's value
   namespace          namespace of the node and of its relative topics
-  camera_topic       remap of camera/image
+  camera_topic       remap of camera/image (and of camera/image/compressed to <camera_topic>/compressed)
+  camera_transport   raw or compressed (CompressedImage on <camera_topic>/compressed); empty keeps the params file's
   goal_image_topic   remap of goal/image (image-goal policies)
   goal_vector_topic  remap of goal/vector (oracle-goal policies)
   action_topic       remap of action
@@ -27,7 +28,8 @@ ARGUMENTS = {
                     "Parameters file of the node."),
     "policy": ("", "Checkpoint (.safetensors); empty keeps the params file's value."),
     "namespace": ("", "Namespace of the node and its topics."),
-    "camera_topic": ("camera/image", "Camera topic (sensor_msgs/Image)."),
+    "camera_topic": ("camera/image", "Camera topic (sensor_msgs/Image); its /compressed for camera_transport compressed."),
+    "camera_transport": ("", "raw or compressed; empty keeps the params file's value."),
     "goal_image_topic": ("goal/image", "Goal image topic (image-goal policies)."),
     "goal_vector_topic": ("goal/vector", "Goal vector topic (oracle-goal policies)."),
     "action_topic": ("action", "Action topic (cfgrl_ros/PolicyAction)."),
@@ -48,6 +50,8 @@ def policy_node(context, *_, **__) -> list:
         overrides["policy"] = value["policy"]
     if value["w"]:
         overrides["w"] = float(value["w"])
+    if value["camera_transport"]:
+        overrides["camera_transport"] = value["camera_transport"]
     return [Node(
         package="cfgrl_ros",
         executable="cfgrl_node",
@@ -56,6 +60,7 @@ def policy_node(context, *_, **__) -> list:
         parameters=[value["params_file"], overrides],
         remappings=[
             ("camera/image", value["camera_topic"]),
+            ("camera/image/compressed", value["camera_topic"].rstrip("/") + "/compressed"),  # image_transport's name
             ("goal/image", value["goal_image_topic"]),
             ("goal/vector", value["goal_vector_topic"]),
             ("action", value["action_topic"]),

@@ -106,6 +106,31 @@ def test_policy_actions_of_an_unstamped_camera_pair_by_receive_time(tmp_path):
         np.testing.assert_array_equal(raw["observations"], np.stack([fit_to_policy(f, 16) for f in frames[:3]]))
 
 
+def test_a_compressed_camera_topic_is_decoded(tmp_path):
+    """A robot's bag often holds only image_transport's compressed stream: PNG frames give the same rows."""
+    import cv2
+
+    frames = random_frames(6, 8)
+    actions = np.random.default_rng(9).uniform(-1, 1, (6, 2)).astype(np.float32)
+    types = bags.typestore().types
+    for bag in (0, 1):  # two bags, one episode each: training and validation
+        with bags.BagWriter(tmp_path / f"bag{bag}") as writer:
+            for i in range(3 * bag, 3 * bag + 3):
+                t = 10**9 + i * PERIOD_NS
+                header = types["std_msgs/msg/Header"](stamp=bags.make_stamp(t), frame_id="camera")
+                image = types[bags.COMPRESSED_IMAGE_TYPE](header=header, format="rgb8; png compressed bgr8",
+                                                          data=cv2.imencode(".png", frames[i][:, :, ::-1])[1])
+                writer.write("/camera/image/compressed", bags.COMPRESSED_IMAGE_TYPE, t, image)
+                writer.write("/teleop/command", bags.VECTOR_TYPE, t + 5_000_000, bags.vector_message(actions[i]))
+    settings = ImportSettings(camera_topic="camera/image/compressed", action_topic="teleop/command", image_size=16)
+    record = import_bags([tmp_path / "bag0", tmp_path / "bag1"], tmp_path / "c-v0.npz", settings)
+    assert record["rows"] == [3, 3]
+    with np.load(tmp_path / "c-v0.npz") as raw, np.load(tmp_path / "c-v0-val.npz") as val:
+        observations = np.concatenate([raw["observations"], val["observations"]])
+        np.testing.assert_array_equal(np.concatenate([raw["actions"], val["actions"]]), actions)
+    np.testing.assert_array_equal(observations, np.stack([fit_to_policy(f, 16) for f in frames]))
+
+
 def test_joystick_axes_are_actions(tmp_path):
     types = bags.typestore().types
     frames = random_frames(8, 10)

@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from cfgrl_ros.image import CONVERTED, ENCODINGS, ImageError, fit_to_policy, image_to_rgb
+from cfgrl_ros.image import (CONVERTED, ENCODINGS, ImageError, compressed_to_rgb, fit_to_policy, image_to_rgb,
+                             message_to_rgb)
 
 
 @dataclasses.dataclass
@@ -94,6 +95,34 @@ def test_bayer_mosaics_demosaic_to_the_scene(encoding):
         mosaic[dy::2, dx::2] = scene[dy::2, dx::2, "rgb".index(colour)]
     decoded = image_to_rgb(make(mosaic[:, :, None], encoding, padding=2))
     assert np.abs(decoded.astype(int) - scene)[4:-4, 4:-4].mean() < 2  # borders are interpolated less well
+
+
+@dataclasses.dataclass
+class FakeCompressedImage:
+    format: str
+    data: bytes
+
+
+def test_compressed_images_decode_like_their_raw_frames(rgb):
+    """PNG is lossless: the same pixels; JPEG: close (a smooth frame, so its loss stays small)."""
+    smooth = cv2.resize(rgb, (40, 48), interpolation=cv2.INTER_CUBIC)
+    png = FakeCompressedImage("rgb8; png compressed bgr8", cv2.imencode(".png", smooth[:, :, ::-1])[1].tobytes())
+    np.testing.assert_array_equal(compressed_to_rgb(png), smooth)
+    jpeg = FakeCompressedImage("rgb8; jpeg compressed bgr8",
+                               cv2.imencode(".jpg", smooth[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes())
+    assert np.abs(compressed_to_rgb(jpeg).astype(int) - smooth).mean() < 8
+    np.testing.assert_array_equal(message_to_rgb(png), smooth)  # a message with `format` is a compressed one
+    np.testing.assert_array_equal(message_to_rgb(make(rgb, "rgb8")), rgb)
+
+
+@pytest.mark.parametrize("image_format, data, message", [
+    ("jpeg", b"", "empty compressed image"),
+    ("jpeg", b"\xff\xd8 not really a jpeg", "do not decode as an image"),
+    ("16UC1; compressedDepth png", b"\x89PNG", "compressed depth map"),
+])
+def test_compressed_images_that_are_no_camera_frame_are_refused(image_format, data, message):
+    with pytest.raises(ImageError, match=message):
+        compressed_to_rgb(FakeCompressedImage(image_format, data))
 
 
 def test_reads_array_buffers_as_rclpy_delivers_them(rgb):

@@ -721,6 +721,52 @@ def test_a_step_outliving_deactivation_never_publishes_after_the_stop(ros_domain
 
 
 @requires_rclpy
+def test_compressed_camera_images(ros_domain, tmp_path):
+    """camera_transport compressed: JPEG and PNG frames on camera/image/compressed are acted on; bytes
+    that are no image are refused like a malformed raw frame, with a stop."""
+    import cv2
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import CompressedImage
+
+    from cfgrl_ros.nodes.probe import PolicyProbe, stamp_of
+
+    node = start_node(ros_domain, tmp_path / "node.log", small_checkpoint(tmp_path / "oracle.safetensors", "oracle"),
+                      namespace="/compressed", camera_transport="compressed")
+    probe = PolicyProbe(namespace="compressed")
+    probe.alive_checks.append(node.check_alive)
+    camera = probe.node.create_publisher(CompressedImage, "camera/image/compressed", qos_profile_sensor_data)
+
+    def compressed(data: bytes, image_format: str, stamp) -> CompressedImage:
+        message = CompressedImage(format=image_format, data=data)
+        message.header.stamp = stamp
+        return message
+
+    try:
+        probe.spin_until(lambda: camera.get_subscription_count() >= 1
+                         and probe.node.count_subscribers(probe.goal_vector.topic_name) >= 1
+                         and probe.parameters.services_are_ready(), "the policy node", STARTUP_S)
+        probe.publish_goal_vector([0.1, -0.2, 0.3])
+        frame = np.ascontiguousarray(frames(30)[0][:, :, ::-1])  # BGR, as OpenCV encodes
+        for image_format, extension in (("rgb8; jpeg compressed bgr8", ".jpg"), ("rgb8; png compressed bgr8", ".png")):
+            data = cv2.imencode(extension, frame)[1].tobytes()
+            stamp = stamp_of(time.time_ns())
+            message = compressed(data, image_format, stamp)
+            action = probe.wait_for_action(lambda m: m.image_stamp == stamp and computed(m), f"an action for a "
+                                           f"{extension} frame", meanwhile=lambda: camera.publish(message))
+            assert len(action.action) == ACTION_DIM
+        garbage = compressed(b"not an image", "rgb8; jpeg compressed bgr8", stamp_of(time.time_ns()))
+        report = report_where(probe, lambda d: int(d["rejected_images"]) > 0, "the garbage frame to be rejected",
+                              meanwhile=lambda: camera.publish(garbage))
+        assert "do not decode as an image" in report["last_image_error"]
+        start = len(probe.actions)
+        probe.spin_until(lambda: len(probe.actions_since(start)) >= 2, "a stop after the garbage frame", timeout_s=10)
+        assert all(not computed(m) and not any(m.action) for m in probe.actions_since(start))
+    finally:
+        probe.destroy()
+        assert node.stop() == 0, node.log()[-2000:]
+
+
+@requires_rclpy
 def test_goal_vectors_in_a_namespace(ros_domain, tmp_path):
     """An oracle-goal policy under /oracle: goal/vector is checked (length, NaN) and may go stale."""
     from cfgrl_ros.nodes.probe import PolicyProbe

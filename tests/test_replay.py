@@ -112,6 +112,22 @@ def test_a_damaged_bag_is_a_bag_error_wherever_the_damage_is(tmp_path):
     assert outcomes <= {"BagError", 5} and "BagError" in outcomes
 
 
+def test_a_bag_of_compressed_frames_replays_them_decoded(tmp_path):
+    import cv2
+
+    images, goal = frames_and_goal(3)
+    types = bags.typestore().types
+    with bags.BagWriter(tmp_path / "bag") as writer:
+        writer.write("/goal/vector", bags.VECTOR_TYPE, 1, bags.vector_message(goal))
+        for i, image in enumerate(images):
+            header = types["std_msgs/msg/Header"](stamp=bags.make_stamp(10 + i), frame_id="camera")
+            message = types[bags.COMPRESSED_IMAGE_TYPE](header=header, format="rgb8; png compressed bgr8",
+                                                        data=cv2.imencode(".png", image[:, :, ::-1])[1])
+            writer.write("/camera/image/compressed", bags.COMPRESSED_IMAGE_TYPE, 10 + i, message)
+    frames = bag_frames(tmp_path / "bag", camera_topic="camera/image/compressed")
+    assert len(frames) == 3 and all(np.array_equal(f.image, image) for f, image in zip(frames, images))
+
+
 def test_recorded_stale_stops_are_not_the_reference_action(tmp_path):
     images, goal = frames_and_goal(1)
     with bags.BagWriter(tmp_path / "bag") as writer:

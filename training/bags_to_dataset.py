@@ -33,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cfgrl_ros import bags
-from cfgrl_ros.image import ImageError, fit_to_policy, image_to_rgb
+from cfgrl_ros.image import ImageError, fit_to_policy, message_to_rgb
 from training.data import DatasetError, load_dataset_pair, val_path_for
 from training.dataset_files import write_shard
 
@@ -150,15 +150,18 @@ def read_bag_topics(path: Path, settings: ImportSettings) -> tuple[list[np.ndarr
     for topic, what in ((camera, "camera"), (action_topic, "action")):
         if topic not in topics:
             raise ImportBagError(f"{path}: no {what} topic {topic!r} (topics: {sorted(topics)})")
+    if topics[camera] not in bags.CAMERA_TYPES:
+        raise ImportBagError(f"{path}: {camera} holds {topics[camera]}; the camera must be one of "
+                             f"{', '.join(bags.CAMERA_TYPES)}")
     if topics[action_topic] not in ACTION_TYPES:
         raise ImportBagError(f"{path}: {action_topic} holds {topics[action_topic]}; actions must be one of "
                              f"{', '.join(ACTION_TYPES)}")
     frames, received, stamps, commands = [], [], [], []
-    for item in bags.read_bag(path, {camera: bags.IMAGE_TYPE, action_topic: topics[action_topic]}):
+    for item in bags.read_bag(path, {camera: topics[camera], action_topic: topics[action_topic]}):
         message = item.message
         if bags.same_topic(item.topic) == camera:
             try:
-                frames.append(fit_to_policy(image_to_rgb(message), settings.image_size))
+                frames.append(fit_to_policy(message_to_rgb(message), settings.image_size))
             except ImageError as error:
                 raise ImportBagError(f"{path}: camera frame {len(frames)} at t={item.timestamp_ns} ns: {error}") from None
             received.append(item.timestamp_ns)
@@ -233,8 +236,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = ImportSettings()
     parser.add_argument("bags", nargs="+", type=Path, help="rosbag2 bag directories, one or more episodes each")
     parser.add_argument("--out", type=Path, required=True, help="<name>.npz to write (and <name>-val.npz beside it)")
-    parser.add_argument("--camera-topic", default=defaults.camera_topic, help="sensor_msgs/Image topic "
-                        f"(default: {defaults.camera_topic})")
+    parser.add_argument("--camera-topic", default=defaults.camera_topic, help="sensor_msgs/Image or CompressedImage "
+                        f"topic (default: {defaults.camera_topic})")
     parser.add_argument("--action-topic", default=defaults.action_topic, help="PolicyAction, Float32MultiArray or "
                         f"Joy topic (default: {defaults.action_topic})")
     parser.add_argument("--image-size", type=int, default=defaults.image_size,

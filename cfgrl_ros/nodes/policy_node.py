@@ -2,7 +2,8 @@
 """The CFGRL policy node `cfgrl`: camera and goal in, guided actions out.
 
 Subscribes (relative names, so namespaces and remaps work):
-  camera/image  sensor_msgs/Image, best-effort keep-last-1 (overridable: qos_overrides.<topic>.subscription.*)
+  camera/image  sensor_msgs/Image, best-effort keep-last-1 (overridable: qos_overrides.<topic>.subscription.*);
+                camera/image/compressed (sensor_msgs/CompressedImage) instead with camera_transport compressed
   goal/image    sensor_msgs/Image, reliable transient-local   (image-goal policies)
   goal/vector   std_msgs/Float32MultiArray, same QoS          (oracle-goal policies)
 Publishes:
@@ -46,13 +47,13 @@ from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSCompatibility, QoSPro
                        qos_check_compatible)
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from rclpy.signals import SignalHandlerOptions
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Float32MultiArray
 
 from cfgrl_ros.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from cfgrl_ros.control import ActionError, GoalError, Inputs, assess_inputs, checked_action, goal_vector, stale_action
 from cfgrl_ros.engines import Engine, load_engine, to_numpy
-from cfgrl_ros.image import ImageError, fit_to_policy, image_to_rgb
+from cfgrl_ros.image import ImageError, fit_to_policy, message_to_rgb
 from cfgrl_ros.inference_worker import InferenceWorker, Mailbox, PolicyStats
 from cfgrl_ros.msg import PolicyAction
 from cfgrl_ros.node_params import PARAMETERS, SPECS, validate_changes
@@ -62,6 +63,8 @@ CAMERA_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=Re
 LATCHED_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                          durability=DurabilityPolicy.TRANSIENT_LOCAL)
 ACTION_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
+# camera_transport -> (message type, topic): image_transport's names, so its republishers plug in.
+CAMERA_INPUTS = {"raw": (Image, "camera/image"), "compressed": (CompressedImage, "camera/image/compressed")}
 THROTTLE_S = 2.0
 STALE_CHECK_PERIOD_S = 0.05
 WORKER_STOP_TIMEOUT_S = 10.0  # deactivation waits this long for an inference in progress
@@ -382,8 +385,9 @@ class PolicyNode(LifecycleNode):
             return SubscriptionEventCallbacks(incompatible_qos=lambda info: self._on_requested_incompatible_qos(resolved, info))
 
         # Each kept as soon as it exists: a failure after the first (a bad QoS override) must not leak it.
+        camera_type, camera_topic = CAMERA_INPUTS[self.param("camera_transport")]
         camera = self.create_subscription(
-            Image, "camera/image", self._on_camera, CAMERA_QOS, event_callbacks=events("camera/image"),
+            camera_type, camera_topic, self._on_camera, CAMERA_QOS, event_callbacks=events(camera_topic),
             qos_overriding_options=QoSOverridingOptions.with_default_policies())
         self._subscriptions_active.append(camera)
         goal_type, on_goal = ((Image, self._on_goal_image) if self.engine.config.goal_mode == "image"
@@ -396,7 +400,7 @@ class PolicyNode(LifecycleNode):
     def _now_s(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9
 
-    def _on_camera(self, message: Image) -> None:
+    def _on_camera(self, message: Image | CompressedImage) -> None:
         """Only stores the frame: decoding and inference happen on the inference thread."""
         self._camera_arrival_s = self._now_s()
         self.frames.put(Frame(message, self._camera_arrival_s, time.monotonic()))
@@ -435,8 +439,8 @@ class PolicyNode(LifecycleNode):
         self.get_logger().error(f"{reason}; nothing computed until a valid goal arrives",
                                 throttle_duration_sec=THROTTLE_S)
 
-    def _decode(self, message: Image, what: str) -> np.ndarray:
-        rgb = image_to_rgb(message)
+    def _decode(self, message: Image | CompressedImage, what: str) -> np.ndarray:
+        rgb = message_to_rgb(message)
         size = self.engine.config.image_size
         if rgb.shape[:2] != (size, size) and what not in self._resize_logged:
             self._resize_logged.add(what)
