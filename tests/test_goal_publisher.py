@@ -26,6 +26,7 @@ def receive(topic: str, message_type, publish_camera: np.ndarray | None = None, 
     camera frame until then (for --snapshot), each time after a malformed one, which must never become
     the goal."""
     import rclpy
+    from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image
 
@@ -33,6 +34,10 @@ def receive(topic: str, message_type, publish_camera: np.ndarray | None = None, 
 
     rclpy.init()
     node = rclpy.create_node("goal_listener")
+    # An executor of its own, shut down before destroy_node: with rclpy's global one (rclpy.spin_once),
+    # destroy_node was seen to spin forever waiting for the node's handles to be released.
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
     received = []
     qos = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -41,16 +46,17 @@ def receive(topic: str, message_type, publish_camera: np.ndarray | None = None, 
     try:
         deadline = time.monotonic() + timeout_s
         while camera is not None and not camera.get_subscription_count() and time.monotonic() < deadline:
-            rclpy.spin_once(node, timeout_sec=0.05)  # matched first: the malformed frame is not lost to discovery
+            executor.spin_once(timeout_sec=0.05)  # matched first: the malformed frame is not lost to discovery
         while not received and time.monotonic() < deadline:
             if camera is not None:
                 good = bridge.rgb_image(publish_camera, node.get_clock().now().to_msg(), "camera")
                 camera.publish(Image(height=good.height, width=good.width, encoding="nv21", step=good.step,
                                      data=good.data))
                 camera.publish(good)
-            rclpy.spin_once(node, timeout_sec=0.1)
+            executor.spin_once(timeout_sec=0.1)
         return received[0] if received else None
     finally:
+        executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()
 

@@ -24,7 +24,7 @@ import numpy as np
 import rclpy
 from rclpy.duration import Duration
 from rclpy.event_handler import PublisherEventCallbacks, qos_policy_name_from_kind
-from rclpy.executors import ExternalShutdownException
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image
@@ -155,11 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rclpy.init(args=[sys.argv[0], *ros_args])
     node = GoalPublisher(goal_image, goal_vector, args.save)
+    executor = SingleThreadedExecutor()  # its own, shut down before destroy_node (see the policy node's main)
+    executor.add_node(node)
     deadline = time.monotonic() + args.timeout if args.timeout else math.inf
     code = 0
     try:
         while rclpy.ok():
-            rclpy.spin_once(node, timeout_sec=0.1)
+            executor.spin_once(timeout_sec=0.1)
             if args.once and node.delivered():
                 node.get_logger().info("delivered")
                 break
@@ -170,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()
     return code

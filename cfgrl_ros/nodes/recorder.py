@@ -25,7 +25,7 @@ from pathlib import Path
 import rclpy
 from rclpy.event_handler import SubscriptionEventCallbacks, qos_policy_name_from_kind
 from rclpy.exceptions import InvalidTopicNameException
-from rclpy.executors import ExternalShutdownException
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.validate_topic_name import validate_topic_name
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -151,12 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.teleop_topic:
         topics[args.teleop_topic] = (*TELEOP_TYPES[args.teleop_type], DEEP_QOS)
     recorder = TopicRecorder(args.out, topics, camera_qos=args.camera_qos)
+    executor = SingleThreadedExecutor()  # its own, shut down before destroy_node (see the policy node's main)
+    executor.add_node(recorder)
     try:
-        rclpy.spin(recorder)
+        executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
         recorder.close()
+        executor.shutdown()
         recorder.destroy_node()
         rclpy.try_shutdown()
     return 0

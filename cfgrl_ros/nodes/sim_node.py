@@ -29,7 +29,7 @@ import rclpy
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.duration import Duration
 from rclpy.exceptions import ParameterException
-from rclpy.executors import ExternalShutdownException
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rosgraph_msgs.msg import Clock
@@ -272,15 +272,18 @@ class SimNode(Node):
 def main(args=None) -> int:
     rclpy.init(args=args)
     node = None
+    executor = SingleThreadedExecutor()  # its own, shut down before destroy_node (see the policy node's main)
     try:
         node = SimNode()
-        rclpy.spin(node)
+        executor.add_node(node)
+        executor.spin()
     except (ParameterException, SimConfigError) as error:  # a bad value in the params file or on the command line
         rclpy.logging.get_logger("cfgrl_sim").fatal(str(error))
         return 2
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        executor.shutdown()
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
