@@ -97,7 +97,11 @@ def compressed_to_rgb(image: CompressedImageLike) -> np.ndarray:
     buffer = np.frombuffer(image.data, dtype=np.uint8)
     if buffer.size == 0:
         raise ImageError("empty compressed image")
-    bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)  # 8-bit 3-channel whatever was compressed
+    try:
+        bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)  # 8-bit 3-channel whatever was compressed
+    except cv2.error as error:  # e.g. a header declaring more pixels than OpenCV decodes (2**30)
+        raise ImageError(f"{buffer.size} bytes that do not decode as an image (format {image.format!r}): "
+                         f"{getattr(error, 'msg', error)}") from None
     if bgr is None:
         raise ImageError(f"{buffer.size} bytes that do not decode as an image (format {image.format!r})")
     return np.ascontiguousarray(bgr[:, :, ::-1])

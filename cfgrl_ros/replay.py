@@ -116,8 +116,8 @@ def bag_frames(path: str | os.PathLike, *, camera_topic: str = "camera/image", g
     for item in bags.read_bag(path, expected_types):
         topic = bags.same_topic(item.topic)
         if max_frames is not None and len(images) == max_frames:
-            if item.timestamp_ns > times[-1] + ACTION_WINDOW_S * 1e9:
-                break
+            if item.timestamp_ns > times[-1] + ACTION_WINDOW_S * 1e9 and any(goals_before):
+                break  # read on without a goal yet: a latched goal may be recorded after the first frames
             if topic == camera_topic:
                 continue  # past max_frames: never decoded
         if topic == camera_topic:
@@ -141,6 +141,8 @@ def bag_frames(path: str | os.PathLike, *, camera_topic: str = "camera/image", g
                             np.asarray(item.message.action, dtype=np.float32).copy()))
     if not images:
         raise ReplayError(f"{path} has no messages on {camera_topic} (topics: {sorted(bags.bag_topics(path))})")
+    if max_frames is not None and not any(goals_before) and pending_goal:
+        goals_before[0] = pending_goal  # the goal came after the last frame kept
     first_goal = next((i for i, goal in enumerate(goals_before) if goal), None)
     if first_goal is None:  # the node would act on whatever goal it held from before
         raise ReplayError(f"{path} has no goal on {goal_image_topic} or {goal_vector_topic} for its "

@@ -323,15 +323,14 @@ def sim_launch_parameters(arguments: dict[str, str], sim_file: dict) -> tuple[di
 
 
 def params_file_section(path: str | os.PathLike, node_name: str, namespace: str = "") -> dict:
-    """The ros__parameters a params file gives `node_name` in `namespace` (keys `/**`, `/**/name`, `name`,
-    `/name`, or `/ns/name` for the node's own namespace), the more specific key winning."""
+    """The ros__parameters a params file gives `node_name` in `namespace`, as rcl applies them: keys `/**`
+    and `/**/name`, then `name` and `/name` in the root namespace or `/ns/name` in namespace `ns`."""
     import yaml
 
     with open(path) as file:
         data = yaml.safe_load(file) or {}
-    keys = ["/**", f"/**/{node_name}", node_name, f"/{node_name}"]
-    if namespace.strip("/"):
-        keys.append(f"/{namespace.strip('/')}/{node_name}")
+    ns = namespace.strip("/")
+    keys = ["/**", f"/**/{node_name}", *([f"/{ns}/{node_name}"] if ns else [node_name, f"/{node_name}"])]
     values: dict = {}
     for key in keys:
         values.update((data.get(key) or {}).get("ros__parameters") or {})

@@ -115,7 +115,21 @@ def test_compressed_images_decode_like_their_raw_frames(rgb):
     np.testing.assert_array_equal(message_to_rgb(make(rgb, "rgb8")), rgb)
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG with a valid header declaring width x height, and one byte of pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b""))
+
+
 @pytest.mark.parametrize("image_format, data, message", [
+    ("png", png_header(60_000, 60_000), "do not decode as an image"),  # OpenCV raises past 2**30 pixels
+    ("png", png_header(64, 64), "do not decode as an image"),  # a header and almost no pixels
     ("jpeg", b"", "empty compressed image"),
     ("jpeg", b"\xff\xd8 not really a jpeg", "do not decode as an image"),
     ("16UC1; compressedDepth png", b"\x89PNG", "compressed depth map"),

@@ -128,6 +128,17 @@ def test_a_bag_of_compressed_frames_replays_them_decoded(tmp_path):
     assert len(frames) == 3 and all(np.array_equal(f.image, image) for f, image in zip(frames, images))
 
 
+def test_max_frames_keeps_a_goal_recorded_after_the_frames_it_keeps(tmp_path):
+    images, goal = frames_and_goal(3)
+    with bags.BagWriter(tmp_path / "bag") as writer:
+        for i, image in enumerate(images):
+            writer.write("/camera/image", bags.IMAGE_TYPE, 10 + i, bags.image_message(image, 10 + i))
+            if i == 1:  # the latched goal, recorded after the first two frames
+                writer.write("/goal/vector", bags.VECTOR_TYPE, 11 + i, bags.vector_message(goal))
+    (first,) = bag_frames(tmp_path / "bag", max_frames=1)
+    assert np.allclose(first.goal_vector, goal) and np.array_equal(first.image, images[0])
+
+
 def test_recorded_stale_stops_are_not_the_reference_action(tmp_path):
     images, goal = frames_and_goal(1)
     with bags.BagWriter(tmp_path / "bag") as writer:

@@ -383,9 +383,11 @@ def test_sim_launch_arguments_keep_the_params_file_unless_given(tmp_path):
     assert policy == {"use_sim_time": False, "trigger": "timer", "control_rate_hz": 15.0, "stale_action": "zero"}
     namespaced = tmp_path / "ns.yaml"  # a section for the node in its namespace (sim.launch.py namespace:=robot1)
     namespaced.write_text("/**:\n  ros__parameters:\n    clock: lockstep\n"
-                          "/robot1/cfgrl_sim:\n  ros__parameters:\n    clock: realtime\n    control_rate_hz: 15.0\n")
+                          "/robot1/cfgrl_sim:\n  ros__parameters:\n    clock: realtime\n    control_rate_hz: 15.0\n"
+                          "cfgrl_sim:\n  ros__parameters:\n    task_id: 4\n")
     assert params_file_section(namespaced, "cfgrl_sim", "/robot1")["clock"] == "realtime"
-    assert params_file_section(namespaced, "cfgrl_sim")["clock"] == "lockstep"  # not this node's section
+    assert "task_id" not in params_file_section(namespaced, "cfgrl_sim", "/robot1")  # rcl: root-namespace only
+    assert params_file_section(namespaced, "cfgrl_sim") == {"clock": "lockstep", "task_id": 4}
     overrides, policy = sim_launch_parameters({**empty, "clock": "realtime", "control_rate_hz": "20"}, sim_file)
     assert overrides == {"clock": "realtime", "control_rate_hz": 20.0} and policy["control_rate_hz"] == 20.0
     with pytest.raises(SimConfigError, match="clock must be lockstep or realtime"):
