@@ -236,7 +236,8 @@ def test_an_existing_dataset_is_replaced_only_on_request(tmp_path):
 
 
 @pytest.mark.requires_rclpy
-def test_a_demonstration_recorded_over_dds_becomes_a_dataset(ros_env, tmp_path):
+@pytest.mark.parametrize("transport", ["raw", "compressed"])
+def test_a_demonstration_recorded_over_dds_becomes_a_dataset(ros_env, tmp_path, transport):
     """cfgrl_recorder --teleop-topic records a camera and a joystick over real DDS; SIGINT closes the bag,
     and cfgrl-bags-to-dataset makes two episodes of it (a 4 s pause splits them), each command on the
     frame stamped just before it, whatever order the recorder received them in."""
@@ -247,16 +248,18 @@ def test_a_demonstration_recorded_over_dds_becomes_a_dataset(ros_env, tmp_path):
     frames = random_frames(20, 11)
     np.save(tmp_path / "frames.npy", frames)
     recorder = subprocess.Popen([sys.executable, "-m", "cfgrl_ros.nodes.recorder", "--out", str(tmp_path / "demo"),
-                                 "--teleop-topic", "teleop/joy", "--teleop-type", "joy"],
+                                 "--teleop-topic", "teleop/joy", "--teleop-type", "joy", "--camera-transport", transport],
                                 env=ros_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     teleoperator = f"""
-import time, numpy as np, rclpy
+import time, cv2, numpy as np, rclpy
 from rclpy.duration import Duration
 from rclpy.qos import QoSProfile
-from sensor_msgs.msg import Image, Joy
+from sensor_msgs.msg import CompressedImage, Image, Joy
+compressed = {transport == "compressed"}
 rclpy.init()
 node = rclpy.create_node("teleoperator")
-camera = node.create_publisher(Image, "camera/image", QoSProfile(depth=50))
+camera = node.create_publisher(CompressedImage if compressed else Image,
+                               "camera/image/compressed" if compressed else "camera/image", QoSProfile(depth=50))
 joy = node.create_publisher(Joy, "teleop/joy", QoSProfile(depth=50))
 deadline = time.monotonic() + 60
 while not (camera.get_subscription_count() and joy.get_subscription_count()) and time.monotonic() < deadline:
@@ -266,7 +269,8 @@ time.sleep(1.0)  # past discovery: no early message lost
 for i, frame in enumerate(np.load({str(tmp_path / "frames.npy")!r})):
     if i == 10:
         time.sleep(4.0)  # the operator pauses: a new episode (--episode-gap-s 2.5, room for a slow callback)
-    image = Image(height=24, width=32, encoding="rgb8", step=96, data=frame.tobytes())
+    image = (CompressedImage(format="rgb8; png compressed bgr8", data=cv2.imencode(".png", frame[:, :, ::-1])[1].tobytes())
+             if compressed else Image(height=24, width=32, encoding="rgb8", step=96, data=frame.tobytes()))
     image.header.stamp = node.get_clock().now().to_msg()  # as a camera driver stamps its frames
     camera.publish(image)
     time.sleep(0.01)
@@ -287,7 +291,8 @@ for publisher in (camera, joy):  # reliable: every message is in the recorder be
     assert recorder.returncode == 0, log
 
     record = import_bags([tmp_path / "demo"], tmp_path / "demo-v0.npz",
-                         ImportSettings(action_topic="/teleop/joy", image_size=16, episode_gap_s=2.5))
+                         ImportSettings(camera_topic="camera/image" + ("/compressed" if transport == "compressed" else ""),
+                                        action_topic="/teleop/joy", image_size=16, episode_gap_s=2.5))
     assert record["episodes"] == [1, 1] and record["rows"] == [10, 10], record
     with np.load(tmp_path / "demo-v0.npz") as raw, np.load(tmp_path / "demo-v0-val.npz") as val:
         actions = np.concatenate([raw["actions"], val["actions"]])

@@ -30,7 +30,7 @@ from rclpy.validate_topic_name import validate_topic_name
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
-from sensor_msgs.msg import Image, Joy
+from sensor_msgs.msg import CompressedImage, Image, Joy
 from std_msgs.msg import Float32MultiArray, String
 
 from cfgrl_ros import bags
@@ -49,6 +49,10 @@ RECORDED_TOPICS = {
     bridge.ACTION_TOPIC: (PolicyAction, bags.POLICY_ACTION_TYPE, DEEP_QOS),
     bridge.RESULT_TOPIC: (String, bags.STRING_TYPE, bridge.EVENTS_QOS),
 }
+
+# --camera-transport compressed records image_transport's compressed stream instead of camera/image.
+COMPRESSED_CAMERA_TOPIC = f"{bridge.CAMERA_TOPIC}/compressed"
+CAMERA_TOPICS = (bridge.CAMERA_TOPIC, COMPRESSED_CAMERA_TOPIC)
 
 # --teleop-type -> (rclpy type, bag type name): demonstration commands for cfgrl-bags-to-dataset.
 TELEOP_TYPES = {"joy": (Joy, bags.JOY_TYPE), "float32multiarray": (Float32MultiArray, bags.VECTOR_TYPE)}
@@ -72,7 +76,7 @@ class TopicRecorder(Node):
         self.writer = bags.BagWriter(bag_path)
         try:
             for topic, (msg_class, type_name, qos) in topics.items():
-                qos = CAMERA_QOS[camera_qos] if topic == bridge.CAMERA_TOPIC else qos
+                qos = CAMERA_QOS[camera_qos] if topic in CAMERA_TOPICS else qos
                 self.create_subscription(msg_class, topic, self._writer_for(topic, type_name, qos), qos, raw=True,
                                          event_callbacks=self._qos_events(topic))
         except BaseException:  # e.g. an invalid topic name: no empty bag is left to block the next --out
@@ -83,7 +87,7 @@ class TopicRecorder(Node):
 
     def _qos_events(self, topic: str) -> SubscriptionEventCallbacks:
         def incompatible(info) -> None:  # otherwise the topic is silently missing from the bag
-            hint = " (a best-effort camera? use --camera-qos best_effort)" if topic == bridge.CAMERA_TOPIC else ""
+            hint = " (a best-effort camera? use --camera-qos best_effort)" if topic in CAMERA_TOPICS else ""
             self.get_logger().error(f"{self.resolve_topic_name(topic)}: a publisher's QoS is incompatible "
                                     f"({qos_policy_name_from_kind(info.last_policy_kind)}); not recorded{hint}")
         return SubscriptionEventCallbacks(incompatible_qos=incompatible)
@@ -126,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="new rosbag2 directory to create (with --recover: default BAG-recovered)")
     parser.add_argument("--camera-qos", choices=sorted(CAMERA_QOS), default="reliable",
                         help="reliability of the camera subscription (best_effort for a sensor-QoS camera)")
+    parser.add_argument("--camera-transport", choices=("raw", "compressed"), default="raw",
+                        help=f"raw: sensor_msgs/Image on {bridge.CAMERA_TOPIC}; compressed: sensor_msgs/CompressedImage "
+                             f"on {COMPRESSED_CAMERA_TOPIC} (image_transport's JPEG/PNG stream)")
     parser.add_argument("--teleop-topic", help="also record this teleoperation command topic (demonstrations)")
     parser.add_argument("--teleop-type", choices=sorted(TELEOP_TYPES), default="joy",
                         help="message type of --teleop-topic (default: joy, i.e. sensor_msgs/Joy)")
@@ -148,13 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     stop_between_messages()
     rclpy.init(args=[sys.argv[0], *ros_args])
     topics = dict(RECORDED_TOPICS)
+    if args.camera_transport == "compressed":
+        del topics[bridge.CAMERA_TOPIC]
+        topics[COMPRESSED_CAMERA_TOPIC] = (CompressedImage, bags.COMPRESSED_IMAGE_TYPE, DEEP_QOS)
     if args.teleop_topic:
         topics[args.teleop_topic] = (*TELEOP_TYPES[args.teleop_type], DEEP_QOS)
     recorder = TopicRecorder(args.out, topics, camera_qos=args.camera_qos)
     executor = SingleThreadedExecutor()  # its own, shut down before destroy_node (see the policy node's main)
     executor.add_node(recorder)
     try:
-        executor.spin()
+        while rclpy.ok():  # polled: a wait without a timeout was seen to sleep through the SIGINT shutdown
+            executor.spin_once(timeout_sec=0.1)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:

@@ -276,7 +276,8 @@ def main(args=None) -> int:
     try:
         node = SimNode()
         executor.add_node(node)
-        executor.spin()
+        while rclpy.ok():  # polled: a wait without a timeout was seen to sleep through the SIGINT shutdown
+            executor.spin_once(timeout_sec=0.1)
     except (ParameterException, SimConfigError) as error:  # a bad value in the params file or on the command line
         rclpy.logging.get_logger("cfgrl_sim").fatal(str(error))
         return 2
