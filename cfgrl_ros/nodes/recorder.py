@@ -4,7 +4,9 @@
 Raw (CDR) subscriptions, so messages are stored exactly as they travelled, stamped with their
 receive time, like `ros2 bag record`. The camera is subscribed reliable by default (our sim and
 replay nodes publish reliable, and no frame is lost); a camera driver publishing best-effort (sensor
-QoS) needs `--camera-qos best_effort`, and an incompatible publisher is reported in the log.
+QoS) needs `--camera-qos best_effort`, and an incompatible publisher is reported in the log. A camera
+that streams only image_transport's compressed images: `--camera-transport compressed` records
+camera/image/compressed instead.
 
 Demonstrations: `--teleop-topic joy --teleop-type joy` also records a teleoperation command topic
 (sensor_msgs/Joy or std_msgs/Float32MultiArray), which cfgrl-bags-to-dataset turns into training data.
