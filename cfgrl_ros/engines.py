@@ -664,16 +664,18 @@ def _load_tensorrt(checkpoint: Checkpoint, flow_steps: int, artifacts_dir: Path,
     if not path.is_file() and not build_if_missing:
         raise EngineUnavailable(f"no TensorRT program at {path}; build it with "
                                 f"`cfgrl-export <checkpoint> --formats tensorrt --flow-steps {flow_steps}`")
+    found = read_sidecar(path)
     try:
-        check_cache_key(expected, read_sidecar(path), path)
+        check_cache_key(expected, found, path)
     except EngineUnavailable as stale:
         if not build_if_missing:
             raise
         if path.is_file():  # e.g. the checkpoint was retrained in place, or another GPU
             log.warning("%s: building a new one", stale)
         build_tensorrt(checkpoint, flow_steps, path, device, max_batch)
-        check_cache_key(expected, read_sidecar(path), path)
-    return TensorRTEngine(path, checkpoint.config, flow_steps, device, int(read_sidecar(path)["max_batch"]))
+        found = read_sidecar(path)
+        check_cache_key(expected, found, path)
+    return TensorRTEngine(path, checkpoint.config, flow_steps, device, int(found["max_batch"]))
 
 
 def to_numpy(actions: torch.Tensor) -> np.ndarray:

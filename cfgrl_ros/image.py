@@ -1,8 +1,9 @@
 """sensor_msgs/Image and CompressedImage bytes -> the policy's RGB uint8 input, without cv_bridge or rclpy.
 
 Works on any object with the message's fields (Image: encoding, height, width, step, is_bigendian,
-data; CompressedImage: format, data), so tests and bag readers can use it too. Every malformed image raises ImageError saying what is wrong;
-nothing is guessed, because a misread frame would silently become a wrong action.
+data; CompressedImage: format, data), so tests and bag readers can use it too. Every malformed image
+raises ImageError saying what is wrong; nothing is guessed, because a misread frame would silently
+become a wrong action.
 """
 
 from __future__ import annotations
@@ -97,13 +98,13 @@ def compressed_to_rgb(image: CompressedImageLike) -> np.ndarray:
     buffer = np.frombuffer(image.data, dtype=np.uint8)
     if buffer.size == 0:
         raise ImageError("empty compressed image")
+    bgr, reason = None, ""
     try:
-        bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)  # 8-bit 3-channel whatever was compressed
+        bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)  # 8-bit 3-channel whatever was compressed; None if not
     except cv2.error as error:  # e.g. a header declaring more pixels than OpenCV decodes (2**30)
-        raise ImageError(f"{buffer.size} bytes that do not decode as an image (format {image.format!r}): "
-                         f"{getattr(error, 'msg', error)}") from None
+        reason = f": {getattr(error, 'msg', error)}"
     if bgr is None:
-        raise ImageError(f"{buffer.size} bytes that do not decode as an image (format {image.format!r})")
+        raise ImageError(f"{buffer.size} bytes that do not decode as an image (format {image.format!r}){reason}")
     return np.ascontiguousarray(bgr[:, :, ::-1])
 
 

@@ -11,12 +11,15 @@ import json
 import time
 
 import numpy as np
+import rclpy
 from builtin_interfaces.msg import Time
+from rclpy.executors import Executor
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 from std_msgs.msg import Float32MultiArray, MultiArrayDimension, String
 
 CAMERA_TOPIC = "camera/image"
+COMPRESSED_CAMERA_TOPIC = f"{CAMERA_TOPIC}/compressed"  # image_transport's name for the compressed stream
 GOAL_IMAGE_TOPIC = "goal/image"
 GOAL_VECTOR_TOPIC = "goal/vector"
 ACTION_TOPIC = "action"
@@ -28,6 +31,14 @@ LATCHED_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, histor
                          durability=DurabilityPolicy.TRANSIENT_LOCAL)
 ACTION_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
 EVENTS_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
+
+
+def spin_until_shutdown(executor: Executor) -> None:
+    """Spin until the context shuts down (Ctrl-C, SIGTERM). Polled: an executor waiting without a timeout
+    was seen to sleep through the SIGINT shutdown. Shut the executor down before destroying its nodes:
+    rclpy's global executor (rclpy.spin) was seen to hang destroy_node."""
+    while rclpy.ok():
+        executor.spin_once(timeout_sec=0.1)
 
 
 def rgb_image(pixels: np.ndarray, stamp: Time, frame_id: str) -> Image:

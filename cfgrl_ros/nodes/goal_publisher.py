@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rclpy.init(args=[sys.argv[0], *ros_args])
     node = GoalPublisher(goal_image, goal_vector, args.save)
-    executor = SingleThreadedExecutor()  # its own, shut down before destroy_node (see the policy node's main)
+    executor = SingleThreadedExecutor()  # its own, shut down before destroy_node (bridge.spin_until_shutdown)
     executor.add_node(node)
     deadline = time.monotonic() + args.timeout if args.timeout else math.inf
     code = 0

@@ -37,6 +37,7 @@ from std_msgs.msg import Float32MultiArray, String
 
 from cfgrl_ros import bags
 from cfgrl_ros.msg import PolicyAction
+from cfgrl_ros.node_params import CAMERA_TRANSPORTS
 from cfgrl_ros.nodes import bridge
 
 DEEP_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
@@ -52,9 +53,7 @@ RECORDED_TOPICS = {
     bridge.RESULT_TOPIC: (String, bags.STRING_TYPE, bridge.EVENTS_QOS),
 }
 
-# --camera-transport compressed records image_transport's compressed stream instead of camera/image.
-COMPRESSED_CAMERA_TOPIC = f"{bridge.CAMERA_TOPIC}/compressed"
-CAMERA_TOPICS = (bridge.CAMERA_TOPIC, COMPRESSED_CAMERA_TOPIC)
+CAMERA_TOPICS = (bridge.CAMERA_TOPIC, bridge.COMPRESSED_CAMERA_TOPIC)  # --camera-transport raw or compressed
 
 # --teleop-type -> (rclpy type, bag type name): demonstration commands for cfgrl-bags-to-dataset.
 TELEOP_TYPES = {"joy": (Joy, bags.JOY_TYPE), "float32multiarray": (Float32MultiArray, bags.VECTOR_TYPE)}
@@ -132,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="new rosbag2 directory to create (with --recover: default BAG-recovered)")
     parser.add_argument("--camera-qos", choices=sorted(CAMERA_QOS), default="reliable",
                         help="reliability of the camera subscription (best_effort for a sensor-QoS camera)")
-    parser.add_argument("--camera-transport", choices=("raw", "compressed"), default="raw",
+    parser.add_argument("--camera-transport", choices=CAMERA_TRANSPORTS, default="raw",
                         help=f"raw: sensor_msgs/Image on {bridge.CAMERA_TOPIC}; compressed: sensor_msgs/CompressedImage "
-                             f"on {COMPRESSED_CAMERA_TOPIC} (image_transport's JPEG/PNG stream)")
+                             f"on {bridge.COMPRESSED_CAMERA_TOPIC} (image_transport's JPEG/PNG stream)")
     parser.add_argument("--teleop-topic", help="also record this teleoperation command topic (demonstrations)")
     parser.add_argument("--teleop-type", choices=sorted(TELEOP_TYPES), default="joy",
                         help="message type of --teleop-topic (default: joy, i.e. sensor_msgs/Joy)")
@@ -159,15 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     topics = dict(RECORDED_TOPICS)
     if args.camera_transport == "compressed":
         del topics[bridge.CAMERA_TOPIC]
-        topics[COMPRESSED_CAMERA_TOPIC] = (CompressedImage, bags.COMPRESSED_IMAGE_TYPE, DEEP_QOS)
+        topics[bridge.COMPRESSED_CAMERA_TOPIC] = (CompressedImage, bags.COMPRESSED_IMAGE_TYPE, DEEP_QOS)
     if args.teleop_topic:
         topics[args.teleop_topic] = (*TELEOP_TYPES[args.teleop_type], DEEP_QOS)
     recorder = TopicRecorder(args.out, topics, camera_qos=args.camera_qos)
-    executor = SingleThreadedExecutor()  # its own, shut down before destroy_node (see the policy node's main)
+    executor = SingleThreadedExecutor()
     executor.add_node(recorder)
     try:
-        while rclpy.ok():  # polled: a wait without a timeout was seen to sleep through the SIGINT shutdown
-            executor.spin_once(timeout_sec=0.1)
+        bridge.spin_until_shutdown(executor)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:

@@ -272,12 +272,11 @@ class SimNode(Node):
 def main(args=None) -> int:
     rclpy.init(args=args)
     node = None
-    executor = SingleThreadedExecutor()  # its own, shut down before destroy_node (see the policy node's main)
+    executor = SingleThreadedExecutor()
     try:
         node = SimNode()
         executor.add_node(node)
-        while rclpy.ok():  # polled: a wait without a timeout was seen to sleep through the SIGINT shutdown
-            executor.spin_once(timeout_sec=0.1)
+        bridge.spin_until_shutdown(executor)
     except (ParameterException, SimConfigError) as error:  # a bad value in the params file or on the command line
         rclpy.logging.get_logger("cfgrl_sim").fatal(str(error))
         return 2
